@@ -1,0 +1,168 @@
+"""Checks of the workflow configuration that the JSON schema cannot express.
+
+Run by the Snakefile right after schema validation, before any job starts: every problem is
+reported at once, each naming the config field and the fix, and nothing here loads a model
+(layer counts come from config.json files or the embedded-model registry).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+from .adapters import UnsupportedArchitectureError, check_supported
+
+HUB_DATASETS = ("wikitext2", "c4", "alpaca", "ptb")
+
+
+class ConfigError(ValueError):
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def _embedded_models() -> dict:
+    from .models import EMBEDDED_MODELS
+
+    return EMBEDDED_MODELS
+
+
+def _embedded_corpora() -> tuple[str, ...]:
+    from .data import EMBEDDED_CORPORA
+
+    return tuple(EMBEDDED_CORPORA)
+
+
+def model_config_json(spec: dict) -> dict | None:
+    """config.json of a model without loading it, or None when it is not available locally yet."""
+    source = spec.get("source")
+    if source == "local":
+        path = Path(spec["path"]) / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+    if source == "embedded":
+        entry = _embedded_models().get(spec.get("name"), {})
+        return entry.get("config")
+    if source == "hub":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(spec["id"], "config.json", revision=spec.get("revision"))
+        except Exception:
+            return None
+        return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+    return None
+
+
+def max_removable(num_layers: int, max_group_size: int | None, protect_first: bool, protect_last: bool) -> int:
+    """Most blocks a plan can remove under the group-size cap and the protections."""
+    free = num_layers - int(protect_first) - int(protect_last)
+    if free <= 1:
+        return 0
+    groups = math.ceil(free / max_group_size) if max_group_size else 1
+    return free - groups
+
+
+def _check_model(name: str, spec: dict, errors: list[str]) -> None:
+    where = f"models.{name}"
+    errors_before = len(errors)
+    source = spec.get("source")
+    if source == "embedded":
+        known = _embedded_models()
+        if spec.get("name") not in known:
+            errors.append(f"{where}.name: {spec.get('name')!r} is not an embedded model; use one of {sorted(known)}")
+    elif source == "local":
+        path = spec.get("path")
+        if not path:
+            errors.append(f"{where}.path: missing; set it to a Hugging Face model directory")
+        elif not (Path(path) / "config.json").is_file():
+            errors.append(f"{where}.path: {path} is not a Hugging Face model directory (no config.json); "
+                          "point it at the folder that save_pretrained wrote")
+    elif source == "hub":
+        if not spec.get("id"):
+            errors.append(f"{where}.id: missing; set it to a hub id such as meta-llama/Llama-2-7b-hf")
+    else:
+        errors.append(f"{where}.source: {source!r} is not a model source; use embedded, local or hub")
+        return
+    config = model_config_json(spec) if len(errors) == errors_before else None
+    if config is not None:
+        try:
+            check_supported(config)
+        except UnsupportedArchitectureError as err:
+            errors.append(f"{where}: {err}")
+
+
+def _check_text(where: str, spec: dict, errors: list[str]) -> None:
+    source = spec.get("source")
+    if source == "embedded":
+        corpora = _embedded_corpora()
+        if spec.get("name") not in corpora:
+            errors.append(f"{where}.name: {spec.get('name')!r} is not an embedded corpus; use one of {list(corpora)}")
+    elif source == "local":
+        path = spec.get("path")
+        if not path:
+            errors.append(f"{where}.path: missing; set it to a text, JSON or JSONL file")
+        elif not Path(path).is_file():
+            errors.append(f"{where}.path: {path} does not exist; give an existing text, JSON or JSONL file")
+    elif source == "hub":
+        if spec.get("name") not in HUB_DATASETS:
+            errors.append(f"{where}.name: {spec.get('name')!r} is not a known hub dataset; use one of "
+                          f"{list(HUB_DATASETS)} or a local file")
+    else:
+        errors.append(f"{where}.source: {source!r} is not a text source; use embedded, local or hub")
+
+
+def _check_target(name: str, spec: dict, layer_counts: dict[str, int], errors: list[str]) -> None:
+    where = f"targets.{name}"
+    given = [key for key in ("remove_blocks", "ratio", "plan_file") if spec.get(key) is not None]
+    if len(given) != 1:
+        errors.append(f"{where}: give exactly one of remove_blocks, ratio or plan_file (got {given or 'none'})")
+        return
+    if "ratio" in given and not 0 < spec["ratio"] < 1:
+        errors.append(f"{where}.ratio: {spec['ratio']} is outside (0, 1); give the fraction of all parameters to remove, "
+                      "e.g. 0.2")
+    if "plan_file" in given and not Path(spec["plan_file"]).is_file():
+        errors.append(f"{where}.plan_file: {spec['plan_file']} does not exist")
+    if "remove_blocks" in given:
+        k = spec["remove_blocks"]
+        for model, num_layers in layer_counts.items():
+            limit = max_removable(num_layers, spec.get("max_group_size"), spec.get("protect_first", False),
+                                  spec.get("protect_last", False))
+            if not 1 <= k <= limit:
+                errors.append(f"{where}.remove_blocks: {k} blocks cannot be removed from model {model!r} "
+                              f"({num_layers} blocks; at most {limit} with max_group_size="
+                              f"{spec.get('max_group_size')}, protect_first={spec.get('protect_first', False)}, "
+                              f"protect_last={spec.get('protect_last', False)}); lower it")
+
+
+def runs(config: dict) -> list[dict]:
+    """The (model, calibration, target) combinations this config asks for."""
+    if config.get("runs"):
+        return [dict(run) for run in config["runs"]]
+    return [{"model": m, "calibration": c, "target": t}
+            for m, c, t in itertools.product(config["models"], config["calibration"], config["targets"])]
+
+
+def check_config(config: dict) -> None:
+    """Raise ConfigError listing every problem in a (schema-validated) config."""
+    errors: list[str] = []
+    for name, spec in config.get("models", {}).items():
+        _check_model(name, spec, errors)
+    for name, spec in config.get("calibration", {}).items():
+        _check_text(f"calibration.{name}", spec, errors)
+
+    layer_counts: dict[str, dict[str, int]] = {}
+    for run in runs(config):
+        for key, section in (("model", "models"), ("calibration", "calibration"), ("target", "targets")):
+            if run[key] not in config.get(section, {}):
+                errors.append(f"runs: {key} {run[key]!r} is not defined under {section}; "
+                              f"defined: {sorted(config.get(section, {}))}")
+        spec = config.get("models", {}).get(run["model"])
+        model_config = model_config_json(spec) if spec else None
+        if model_config and "num_hidden_layers" in model_config:
+            layer_counts.setdefault(run["target"], {})[run["model"]] = model_config["num_hidden_layers"]
+    for name, spec in config.get("targets", {}).items():
+        _check_target(name, spec, layer_counts.get(name, {}), errors)
+    if errors:
+        raise ConfigError(errors)

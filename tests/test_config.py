@@ -1,0 +1,109 @@
+"""Config validation: the schema fills defaults, the semantic checks name the field and the fix."""
+
+import jsonschema
+import pytest
+import yaml
+
+from flattengpt.adapters import SUPPORTED, UnsupportedArchitectureError, check_supported, get_adapter
+from flattengpt.config import ConfigError, check_config, max_removable, runs
+
+from .models_for_tests import REPO, make_model, tiny_config
+
+SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+
+
+def schema_errors(config):
+    return [e.message for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(config)]
+
+
+def test_default_config_is_valid():
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert schema_errors(config) == []
+    check_config(config)
+    assert len(runs(config)) == len(config["models"]) * len(config["calibration"]) * len(config["targets"])
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    ({"models": {"m": {"source": "ftp"}}}, "'ftp' is not one of"),
+    ({"targets": {"t": {"ratio": 1.5}}}, "1.5"),
+    ({"targets": {"t": {"ratio": 0}}}, "0"),
+    ({"targets": {"t": {"remove_blocks": 0}}}, "0"),
+    ({"targets": {"t": {"remove_blocks": 2, "ratio": 0.2}}}, "valid under each of"),
+    ({"calibration": {"c": {"source": "embedded", "name": "x", "n_samples": 0}}}, "0"),
+])
+def test_schema_rejects(bad, fragment):
+    config = {"models": {"m": {"source": "embedded", "name": "smollm2-135m-instruct"}},
+              "calibration": {"c": {"source": "embedded", "name": "shakespeare-calibration"}},
+              "targets": {"t": {"remove_blocks": 2}}}
+    config.update(bad)
+    errors = schema_errors(config)
+    assert errors and any(fragment in e for e in errors), errors
+
+
+def test_semantic_errors_name_field_and_fix(tmp_path):
+    model = make_model(tmp_path, "llama")  # 4 blocks
+    config = {
+        "models": {"small": {"source": "local", "path": str(model)},
+                   "gone": {"source": "local", "path": str(tmp_path / "missing")},
+                   "mystery": {"source": "embedded", "name": "gpt-17"}},
+        "calibration": {"c": {"source": "local", "path": str(tmp_path / "nope.txt")},
+                        "h": {"source": "hub", "name": "pile"}},
+        "targets": {"big": {"remove_blocks": 4}, "capped": {"remove_blocks": 3, "max_group_size": 2},
+                    "file": {"plan_file": str(tmp_path / "plan.yaml")}},
+        "runs": [{"model": "small", "calibration": "c", "target": t} for t in ("big", "capped", "file")]
+        + [{"model": "small", "calibration": "c", "target": "undefined"}],
+    }
+    with pytest.raises(ConfigError) as info:
+        check_config(config)
+    errors = info.value.errors
+    text = str(info.value)
+    assert "models.gone.path" in text and "no config.json" in text
+    assert "models.mystery.name" in text and "smollm2-135m-instruct" in text
+    assert "calibration.c.path" in text and "calibration.h.name" in text
+    assert "targets.big.remove_blocks: 4 blocks cannot be removed from model 'small' (4 blocks; at most 3" in text
+    assert "targets.capped.remove_blocks" in text and "at most 2" in text
+    assert "targets.file.plan_file" in text
+    assert "runs: target 'undefined'" in text
+    assert len(errors) == 8
+
+
+def test_max_removable():
+    assert max_removable(30, None, False, False) == 29
+    assert max_removable(30, 2, False, False) == 15
+    assert max_removable(30, 2, True, True) == 14
+    assert max_removable(5, 3, True, False) == 2
+
+
+@pytest.mark.parametrize("model_type, reason", [
+    ("qwen3", "q_norm"), ("gemma2", "post-sublayer norms"), ("gemma", "1 + weight"), ("bert", "no adapter"),
+])
+def test_unsupported_architectures_are_named(model_type, reason):
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        check_supported({"model_type": model_type, "architectures": ["X"]})
+    message = str(info.value)
+    assert model_type in message and reason in message
+    for name in SUPPORTED:
+        assert name in message
+
+
+def test_unsupported_local_model_fails_config_check(tmp_path):
+    (tmp_path / "qwen3").mkdir()
+    (tmp_path / "qwen3" / "config.json").write_text('{"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}')
+    config = {"models": {"q": {"source": "local", "path": str(tmp_path / "qwen3")}},
+              "calibration": {"c": {"source": "embedded", "name": "shakespeare-calibration"}},
+              "targets": {"t": {"remove_blocks": 1}}}
+    with pytest.raises(ConfigError, match=r"models\.q: model_type 'qwen3' \(Qwen3ForCausalLM\) is not supported"):
+        check_config(config)
+
+
+@pytest.mark.parametrize("arch, qkv_bias", [("llama", False), ("mistral", False), ("qwen2", True)])
+def test_adapter_shapes_and_shallower_config(arch, qkv_bias):
+    adapter = get_adapter(tiny_config(arch, num_layers=6))
+    shape = adapter.shape
+    assert (shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim) == (64, 4, 2, 16)
+    assert shape.qkv_bias == qkv_bias and shape.kv_group_size == 2
+    shallow = adapter.shallower_config([0, 1, 3, 5])
+    assert shallow.num_hidden_layers == 4
+    if getattr(adapter.config, "layer_types", None):
+        assert len(shallow.layer_types) == 4
+    assert adapter.config.num_hidden_layers == 6, "the original config is not modified"

@@ -19,18 +19,17 @@ def tiny_config(arch: str, num_layers: int = 4, **overrides):
     common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=256,
                   tie_word_embeddings=False)
+    common.update(overrides)  # through the constructor, so derived per-layer lists (layer_types) follow
     if arch == "llama":
         config = LlamaConfig(**common)
     elif arch == "llama-mha":
-        config = LlamaConfig(**{**common, "num_key_value_heads": 4})
+        config = LlamaConfig(**{**common, "num_key_value_heads": common["num_attention_heads"]})
     elif arch == "mistral":
         config = MistralConfig(**{**common, "sliding_window": 8})
     elif arch == "qwen2":
         config = Qwen2Config(**{**common, "tie_word_embeddings": True})
     else:
         raise ValueError(arch)
-    for key, value in overrides.items():
-        setattr(config, key, value)
     return config
 
 

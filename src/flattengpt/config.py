@@ -30,9 +30,9 @@ def _embedded_models() -> dict:
 
 
 def _embedded_corpora() -> tuple[str, ...]:
-    from .data import EMBEDDED_CORPORA
+    from .data import EMBEDDED_TEXTS
 
-    return tuple(EMBEDDED_CORPORA)
+    return tuple(EMBEDDED_TEXTS)
 
 
 def model_config_json(spec: dict) -> dict | None:

@@ -81,6 +81,12 @@ def provenance(params: dict | None = None, inputs: dict | None = None, **extra: 
 # ----------------------------------------------------------------------------- atomic writes
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
@@ -89,6 +95,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    tmp_path.chmod(0o666 & ~_umask())  # mkstemp's files are private (0600); outputs are not
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -103,6 +110,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp_path.chmod(0o777 & ~_umask())  # mkdtemp's folders are private (0700); outputs are not
     try:
         yield tmp_path
         if path.exists():

@@ -1,14 +1,14 @@
 rule calibration:
     """Tokenize the calibration text and draw n_samples random windows of seq_len tokens."""
     input:
-        model=MODEL_DIR + "/model.json",
+        model="results/{model}/model.json",
     output:
-        tokens=CALIB_DIR + "/tokens.safetensors",
-        info=CALIB_DIR + "/calibration.json",
+        tokens="results/{model}/{calib}/tokens.safetensors",
+        info="results/{model}/{calib}/calibration.json",
     params:
         spec=calibration_spec,
     log:
-        CALIB_DIR + "/logs/calibration.log",
+        "results/{model}/{calib}/logs/calibration.log",
     conda:
         "../../envs/flattengpt.yaml"
     script:

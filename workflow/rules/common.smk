@@ -11,10 +11,6 @@ except ConfigError as err:
     raise WorkflowError(str(err))
 
 
-RESULTS = "results"
-MODEL_DIR = RESULTS + "/{model}"
-CALIB_DIR = MODEL_DIR + "/{calib}"
-TARGET_DIR = CALIB_DIR + "/{target}"
 SIMILARITY_FILES = [
     "cosine.csv",
     "cosine.png",
@@ -38,8 +34,8 @@ def all_outputs():
     outputs = []
     for run in runs(config):
         wc = dict(model=run["model"], calib=run["calibration"], target=run["target"])
-        outputs.append(expand(TARGET_DIR + "/plan.json", **wc))
-        outputs += expand(CALIB_DIR + "/similarity/{file}", file=SIMILARITY_FILES, **wc)
+        outputs += expand("results/{model}/{calib}/{target}/plan.json", **wc)
+        outputs += expand("results/{model}/{calib}/similarity/{file}", file=SIMILARITY_FILES, **wc)
     return outputs
 
 

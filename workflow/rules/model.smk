@@ -3,12 +3,12 @@ rule model:
     input:
         model_source_files,
     output:
-        MODEL_DIR + "/model.json",
+        "results/{model}/model.json",
     params:
         spec=model_spec,
         cache_dir=config["cache_dir"],
     log:
-        MODEL_DIR + "/logs/model.log",
+        "results/{model}/logs/model.log",
     localrule: True
     conda:
         "../../envs/flattengpt.yaml"

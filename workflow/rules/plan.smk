@@ -1,15 +1,15 @@
 rule plan:
     """Greedy flattening plan (METHOD.md section 2) from the cosine matrix, or a validated hand-written plan."""
     input:
-        model=MODEL_DIR + "/model.json",
-        cosine=CALIB_DIR + "/similarity/cosine.csv",
+        model="results/{model}/model.json",
+        cosine="results/{model}/{calib}/similarity/cosine.csv",
         plan_file=plan_file_input,
     output:
-        TARGET_DIR + "/plan.json",
+        "results/{model}/{calib}/{target}/plan.json",
     params:
         target=target_spec,
     log:
-        TARGET_DIR + "/logs/plan.log",
+        "results/{model}/{calib}/{target}/logs/plan.log",
     localrule: True
     conda:
         "../../envs/flattengpt.yaml"

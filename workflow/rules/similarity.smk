@@ -1,17 +1,17 @@
 rule similarity:
     """Token-mean cosine, ShortGPT block influence, Gromov angular distance and linear CKA, as CSV + PNG."""
     input:
-        activations=CALIB_DIR + "/activations",
+        activations="results/{model}/{calib}/activations",
     output:
-        [CALIB_DIR + "/similarity/" + name for name in SIMILARITY_FILES],
+        expand("results/{{model}}/{{calib}}/similarity/{file}", file=SIMILARITY_FILES),
     params:
         options=config["similarity"],
-        out_dir=CALIB_DIR + "/similarity",
+        out_dir="results/{model}/{calib}/similarity",
     threads: config["compute"]["threads"]
     log:
-        CALIB_DIR + "/logs/similarity.log",
+        "results/{model}/{calib}/logs/similarity.log",
     benchmark:
-        RESULTS + "/benchmarks/{model}/{calib}/similarity.tsv"
+        "results/benchmarks/{model}/{calib}/similarity.tsv"
     conda:
         "../../envs/flattengpt.yaml"
     script:

@@ -1,6 +1,11 @@
 # FlattenGPT depth compression: model -> calibration tokens -> activations -> similarity -> plan.
 # Run `snakemake --cores 2` (default config.yaml) or point --configfile at your own config.
-from snakemake.utils import min_version, validate
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
+
+from flattengpt.config import ConfigError, validate_config
 
 min_version("9.0")
 
@@ -8,7 +13,11 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# Schema (with defaults) and semantic checks, all problems at once, before any job starts.
+try:
+    validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
+except ConfigError as err:
+    raise WorkflowError(str(err))
 
 
 include: "workflow/rules/common.smk"

@@ -112,6 +112,15 @@ def test_bad_config_fails_before_any_job(tmp_path):
     write_config(tmp_path, {
         "models": {"m": {"source": "local", "path": str(tmp_path / "missing")}},
         "calibration": {"c": {"source": "local", "path": str(tmp_path / "nope.txt")}},
+        "targets": {"t": {"remove_blocks": 3}, "r": {"ratio": 1.2}},
+    })
+    result = snakemake(tmp_path, "-n", check=False)
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    assert "targets.r.ratio: 1.2 is greater than or equal to the maximum of 1" in text
+    write_config(tmp_path, {
+        "models": {"m": {"source": "local", "path": str(tmp_path / "missing")}},
+        "calibration": {"c": {"source": "local", "path": str(tmp_path / "nope.txt")}},
         "targets": {"t": {"remove_blocks": 3}},
     })
     result = snakemake(tmp_path, "-n", check=False)

@@ -12,6 +12,9 @@ import json
 import math
 from pathlib import Path
 
+import jsonschema
+import yaml
+
 from .adapters import UnsupportedArchitectureError, check_supported
 
 HUB_DATASETS = ("wikitext2", "c4", "alpaca", "ptb")
@@ -21,6 +24,43 @@ class ConfigError(ValueError):
     def __init__(self, errors: list[str]):
         self.errors = errors
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def _with_defaults(validator_class):
+    """A validator that fills in `default:` values while it validates (the jsonschema FAQ recipe)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = json.loads(json.dumps(subschema["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    where = ".".join(str(p) for p in error.absolute_path) or "config"
+    if error.validator == "oneOf":
+        keys = [k for option in error.validator_value for k in option.get("required", [])]
+        return f"{where}: give exactly one of {', '.join(keys)}"
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        return f"{where}: {error.message}; allowed keys: {', '.join(allowed)}"
+    hint = error.schema.get("description") if isinstance(error.schema, dict) else None
+    return f"{where}: {error.message}" + (f" ({hint.strip()})" if hint else "")
+
+
+def validate_config(config: dict, schema_path: str | Path) -> dict:
+    """Fill schema defaults into `config` in place, then raise ConfigError listing every problem."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = _with_defaults(jsonschema.validators.validator_for(schema))(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise ConfigError([_schema_message(e) for e in errors])
+    check_config(config)
+    return config
 
 
 def _embedded_models() -> dict:

@@ -1,14 +1,7 @@
 # Config checks, path layout and parameter lookups shared by every rule.
 from pathlib import Path
 
-from snakemake.exceptions import WorkflowError
-
-from flattengpt.config import ConfigError, check_config, runs
-
-try:
-    check_config(config)
-except ConfigError as err:
-    raise WorkflowError(str(err))
+from flattengpt.config import runs
 
 
 SIMILARITY_FILES = [

@@ -191,10 +191,18 @@ def resolve_model(spec: dict, cache_dir: str | Path | None = None) -> Path:
         return path
     if source == "hub":
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
 
         # Works with internet access, or offline (HF_HUB_OFFLINE=1) from a filled HF cache.
-        return Path(snapshot_download(repo_id=spec["id"], revision=spec.get("revision"),
-                                      allow_patterns=HUB_PATTERNS))
+        try:
+            return Path(snapshot_download(repo_id=spec["id"], revision=spec.get("revision"),
+                                          allow_patterns=HUB_PATTERNS))
+        except LocalEntryNotFoundError as err:
+            raise ValueError(
+                f"hub model {spec['id']!r} (revision {spec.get('revision') or 'main'}) is not in the Hugging Face "
+                "cache and the hub cannot be reached; download it where there is internet "
+                f"(`hf download {spec['id']}` with the same HF_HOME), or use source: local with its directory"
+            ) from err
     if source == "embedded":
         return embedded_model_dir(spec["name"], cache_dir)
     raise ValueError(f"model source must be embedded, local or hub, not {source!r}")

@@ -1,0 +1,47 @@
+"""Blockwise perplexity against the model's own loss."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from flattengpt.perplexity import eval_windows, perplexity
+
+from .models_for_tests import STORIES, make_model
+
+
+def direct_perplexity(model_dir, windows):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        losses = [model(w[None], labels=w[None]).loss for w in windows]  # HF shifts labels itself
+    return math.exp(torch.stack(losses).mean().item())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # untied and tied output embeddings
+def test_matches_model_loss(tmp_path, arch):
+    model_dir = make_model(tmp_path, arch)
+    ids = torch.randint(0, 128, (205,), generator=torch.Generator().manual_seed(0))
+    windows = eval_windows(ids, 40)
+    assert windows.shape == (5, 40), "the 5-token remainder is dropped"
+    result = perplexity(model_dir, windows, batch_size=2)
+    assert result["n_predicted_tokens"] == 5 * 39
+    assert result["perplexity"] == pytest.approx(direct_perplexity(model_dir, windows), rel=1e-5)
+
+
+@pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/data")
+def test_real_model_on_a_story():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    text = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+            "One day, she saw a big red ball under a tree. She ran to the ball and picked it up. ") * 4
+    windows = eval_windows(torch.tensor(tokenizer(text)["input_ids"]), 64)
+    result = perplexity(STORIES, windows)
+    assert result["perplexity"] == pytest.approx(direct_perplexity(STORIES, windows), rel=1e-5)
+    assert result["perplexity"] < 20, "a real story model finds a simple story predictable"
+
+
+def test_too_short_text():
+    with pytest.raises(ValueError, match="fewer than one window of seq_len=64"):
+        eval_windows(torch.arange(10), 64)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from flattengpt.activations import load_layer
@@ -134,3 +135,52 @@ def test_lint_is_clean(tmp_path):
     write_config(tmp_path, base_config(make_model_with_tokenizer(tmp_path / "model", "llama")))
     result = snakemake(tmp_path, "--lint", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_killed_activations_stage_resumes_where_it_stopped(tmp_path):
+    """SIGKILL the whole run while the activations job is mid-model, then rerun the same command."""
+    import os
+    import signal
+    import time
+
+    model = make_model_with_tokenizer(tmp_path / "model", "llama", num_hidden_layers=16, hidden_size=256,
+                                      intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4,
+                                      head_dim=32)
+    config = base_config(model, n_samples=16, seq_len=256)
+    config["activations"] = {"checkpoint_every": 1}
+    write_config(tmp_path, config)
+    state = tmp_path / "results" / "tiny" / "plays" / ".resume" / "activations" / "state.json"
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--cores", "1", "--scheduler", "greedy"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            killed_at = json.loads(state.read_text())["next_layer"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            killed_at = None
+        if killed_at and killed_at >= 2:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at and killed_at >= 2, "the run ended before it could be killed mid-stage"
+    acts = tmp_path / "results" / "tiny" / "plays" / "activations"
+    assert not acts.exists(), "a killed stage leaves no output that looks complete"
+
+    snakemake(tmp_path, "--unlock")
+    snakemake(tmp_path)
+    manifest = json.loads((acts / "manifest.json").read_text())
+    assert manifest["resumed_from_layer"] >= killed_at
+    log = (tmp_path / "results" / "tiny" / "plays" / "logs" / "activations.log").read_text()
+    assert f"resuming from X_{manifest['resumed_from_layer']}" in log
+
+    # identical to an uninterrupted computation on the same tokens
+    from flattengpt.activations import compute_activations
+    from flattengpt.data import load_tokens
+
+    ids, _ = load_tokens(tmp_path / "results" / "tiny" / "plays" / "tokens.safetensors")
+    compute_activations(model, ids, tmp_path / "fresh", state_dir=tmp_path / "fresh-state")
+    for index in range(17):
+        assert torch.equal(load_layer(acts, index)[0], load_layer(tmp_path / "fresh", index)[0]), index

@@ -3,5 +3,5 @@ from flattengpt.runtime import job_provenance, start_job
 from flattengpt.stages import similarity_stage
 
 start_job(snakemake)
-similarity_stage(snakemake.input.activations, snakemake.params.out_dir, dict(snakemake.params.options),
+similarity_stage(snakemake.input.model, snakemake.input.activations, snakemake.params.out_dir, dict(snakemake.params.options),
                  job_provenance(snakemake))

@@ -86,6 +86,9 @@ def format_plan(path: Path) -> str:
     if plan.params_before is not None:
         summary.append(("parameters", f"{plan.params_before:,} -> {plan.params_after:,} "
                                       f"(ratio removed {plan.ratio_achieved:.4f})"))
+    note = (record.get("model") or {}).get("note")
+    if note:
+        summary.append(("note", note))
     lines = [f"== plan {path}"] + [f"  {name:<15} {value}" for name, value in summary]
     lines += ["", "  groups (one line per block of the compressed model):"]
     lines += [f"    {line}" for line in plan.describe_groups()]
@@ -140,6 +143,8 @@ def format_similarity(sim_dir: Path, matrices: Sequence[str], top: int, max_gap:
         lines.append(f"  {meta.get('num_layers')} blocks; X0 = embeddings, X{meta.get('num_layers')} = last block's "
                      f"output before the final norm; tokens: cosine {counts.get('cosine')}, angular distance "
                      f"{counts.get('angular_distance')} (last tokens), CKA {counts.get('cka')}")
+        if meta.get("note"):
+            lines.append(f"  note: {meta['note']}")
     for name in matrices:
         path = sim_dir / MATRIX_FILES[name]
         lines.append("")

@@ -261,8 +261,11 @@ def block_influence_table(bi: np.ndarray) -> pd.DataFrame:
 
 def compute_all(act_dir: str | Path, out_dir: str | Path, cka_max_tokens: int = 2048, seed: int = 0, *,
                 chunk_samples: int | None = None, memory_mb: float = DEFAULT_MEMORY_MB,
-                provenance: dict | None = None) -> dict[str, np.ndarray]:
-    """Write cosine, angular distance, CKA and block influence (CSV + PNG) and similarity.json to `out_dir`."""
+                provenance: dict | None = None, note: str | None = None) -> dict[str, np.ndarray]:
+    """Write cosine, angular distance, CKA and block influence (CSV + PNG) and similarity.json to `out_dir`.
+
+    `note` (e.g. that a model was restored from a quantized file) goes under every title and into the JSON.
+    """
     from . import plots
 
     act_dir, out_dir = Path(act_dir), Path(out_dir)
@@ -288,6 +291,8 @@ def compute_all(act_dir: str | Path, out_dir: str | Path, cka_max_tokens: int = 
         "angular_distance": f"Angular distance, last token ({manifest['n_samples']} sequences)",
         "cka": f"Linear CKA ({cka_info['tokens']} tokens, seed {seed})",
     }
+    if note:
+        titles = {name: f"{title}\n{note}" for name, title in titles.items()}
     arrays = {"cosine": cosine, "angular_distance": angular, "cka": cka}
     for name, matrix in arrays.items():
         save_matrix(matrix, labels, out_dir / f"{name}.csv")
@@ -295,7 +300,8 @@ def compute_all(act_dir: str | Path, out_dir: str | Path, cka_max_tokens: int = 
     table = block_influence_table(bi)
     with atomic_path(out_dir / "block_influence.csv") as tmp:
         table.to_csv(tmp, index=False)
-    plots.bar(bi, [str(l) for l in range(num_layers)], "ShortGPT block influence BI = 1 - S[l, l+1]",
+    plots.bar(bi, [str(l) for l in range(num_layers)],
+              "ShortGPT block influence BI = 1 - S[l, l+1]" + (f"\n{note}" if note else ""),
               out_dir / "block_influence.png", xlabel="block", ylabel="block influence")
 
     options = {"cka_max_tokens": cka_max_tokens, "seed": seed, "chunk_samples": chunk_samples, "memory_mb": memory_mb}
@@ -305,6 +311,7 @@ def compute_all(act_dir: str | Path, out_dir: str | Path, cka_max_tokens: int = 
     size = [num_layers + 1, num_layers + 1]
     write_json(out_dir / "similarity.json", {
         "num_layers": num_layers,
+        "note": note,
         "labels": labels,
         "label_meaning": label_meaning(num_layers),
         "matrices": {

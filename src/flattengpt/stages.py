@@ -80,14 +80,16 @@ def activations_stage(model_json: str | Path, tokens: str | Path, out_dir: str |
     )
 
 
-def similarity_stage(act_dir: str | Path, out_dir: str | Path, options: dict, provenance: dict) -> dict:
+def similarity_stage(model_json: str | Path, act_dir: str | Path, out_dir: str | Path, options: dict,
+                     provenance: dict) -> dict:
     from .similarity import compute_all
 
+    note = read_json(model_json).get("note")
     manifest = read_json(Path(act_dir) / "manifest.json")
     provenance = {**provenance, "inputs": {"activations_manifest_sha256": file_sha256(Path(act_dir) / "manifest.json"),
                                            **manifest.get("provenance", {}).get("inputs", {})}}
     return compute_all(act_dir, out_dir, cka_max_tokens=options["cka_max_tokens"], seed=options["seed"],
-                       provenance=provenance)
+                       provenance=provenance, note=note)
 
 
 def plan_stage(model_json: str | Path, cosine_csv: str | Path, target: dict, out_json: str | Path,

@@ -1,6 +1,7 @@
 rule similarity:
     """Token-mean cosine, ShortGPT block influence, Gromov angular distance and linear CKA, as CSV + PNG."""
     input:
+        model="results/{model}/model.json",
         activations="results/{model}/{calib}/activations",
     output:
         expand("results/{{model}}/{{calib}}/similarity/{file}", file=SIMILARITY_FILES),

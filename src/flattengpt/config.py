@@ -17,8 +17,6 @@ import yaml
 
 from .adapters import UnsupportedArchitectureError, check_supported
 
-HUB_DATASETS = ("wikitext2", "c4", "alpaca", "ptb")
-
 
 class ConfigError(ValueError):
     def __init__(self, errors: list[str]):
@@ -73,6 +71,12 @@ def _embedded_corpora() -> tuple[str, ...]:
     from .data import EMBEDDED_TEXTS
 
     return tuple(EMBEDDED_TEXTS)
+
+
+def _hub_datasets() -> tuple[str, ...]:
+    from .data import HUB_TEXTS
+
+    return tuple(HUB_TEXTS)
 
 
 def model_config_json(spec: dict) -> dict | None:
@@ -146,9 +150,9 @@ def _check_text(where: str, spec: dict, errors: list[str]) -> None:
         elif not Path(path).is_file():
             errors.append(f"{where}.path: {path} does not exist; give an existing text, JSON or JSONL file")
     elif source == "hub":
-        if spec.get("name") not in HUB_DATASETS:
+        if spec.get("name") not in _hub_datasets():
             errors.append(f"{where}.name: {spec.get('name')!r} is not a known hub dataset; use one of "
-                          f"{list(HUB_DATASETS)} or a local file")
+                          f"{list(_hub_datasets())} or a local file")
     else:
         errors.append(f"{where}.source: {source!r} is not a text source; use embedded, local or hub")
 

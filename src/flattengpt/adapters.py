@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import torch
@@ -144,11 +144,29 @@ class ModelAdapter:
     def _class(self, suffix: str):
         return getattr(self._module(), f"{self.spec.prefix}{suffix}")
 
-    def build_layer(self, index: int) -> nn.Module:
-        """An empty decoder block (weights on the meta device until loaded)."""
+    def build_layer(self, index: int, **overrides: Any) -> nn.Module:
+        """An empty decoder block (weights on the meta device until loaded).
+
+        `overrides` change config fields for this block only, e.g. `width_overrides(...)` for the
+        wide block of a flattened group.
+        """
+        config = self.config
+        if overrides:
+            config = copy.deepcopy(config)
+            for key, value in overrides.items():
+                setattr(config, key, value)
         with torch.device("meta"):
-            layer = self._class("DecoderLayer")(self.config, index)
+            layer = self._class("DecoderLayer")(config, index)
         return layer
+
+    def width_overrides(self, shape: BlockShape) -> dict[str, int]:
+        """Config fields that give a block the head counts and MLP width of `shape` (head_dim explicit)."""
+        return {
+            "num_attention_heads": shape.num_heads,
+            "num_key_value_heads": shape.num_kv_heads,
+            "head_dim": shape.head_dim,
+            "intermediate_size": shape.intermediate_size,
+        }
 
     def build_rotary(self, device: torch.device | str = "cpu") -> nn.Module:
         return self._class("RotaryEmbedding")(self.config).to(device)
@@ -181,6 +199,26 @@ class ModelAdapter:
 
     def _global_sliding_window(self) -> bool:
         return False
+
+    def config_width(self, shape: BlockShape) -> BlockShape:
+        """The narrowest shape at least as wide as `shape` (same H/KV ratio) that the config class accepts.
+
+        Zero-padded (flatten-only) checkpoints need it: Llama's config validation insists that
+        num_attention_heads divide hidden_size even with an explicit head_dim, so 3 x 4 heads of
+        width 16 in a 64-wide model are stored as 16 heads, 4 of them zero.
+        """
+        for num_heads in range(shape.num_heads, 64 * shape.num_heads + 1, shape.kv_group_size):
+            candidate = replace(shape, num_heads=num_heads, num_kv_heads=num_heads // shape.kv_group_size)
+            config = copy.deepcopy(self.config)
+            for key, value in self.width_overrides(candidate).items():
+                setattr(config, key, value)
+            try:
+                if hasattr(config, "validate"):
+                    config.validate()
+            except Exception:  # transformers' strict-dataclass validators raise their own error type
+                continue
+            return candidate
+        raise UnsupportedArchitectureError(f"no head count from {shape.num_heads} up is accepted by the config class")
 
     # ------------------------------------------------------------------ shallower configs
     def shallower_config(self, source_layers: list[int], **overrides: Any) -> Any:

@@ -1,4 +1,4 @@
-# FlattenGPT depth compression: model -> calibration tokens -> activations -> similarity -> plan.
+# FlattenGPT depth compression: model -> calibration tokens -> activations -> similarity -> plan -> compressed model.
 # Run `snakemake --cores 2` (default config.yaml) or point --configfile at your own config.
 from pathlib import Path
 
@@ -26,6 +26,7 @@ include: "workflow/rules/calibration.smk"
 include: "workflow/rules/activations.smk"
 include: "workflow/rules/similarity.smk"
 include: "workflow/rules/plan.smk"
+include: "workflow/rules/compress.smk"
 
 
 rule all:

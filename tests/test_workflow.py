@@ -51,6 +51,7 @@ def base_config(model_path, n_samples=6, seq_len=32):
         "calibration": {"plays": {"source": "embedded", "name": "shakespeare-calibration",
                                   "n_samples": n_samples, "seq_len": seq_len, "seed": 1}},
         "targets": {"k2": {"remove_blocks": 2}},
+        "methods": {"flattengpt": {"method": "flattengpt"}, "drop": {"method": "drop"}},
         "compute": {"device": "cpu", "threads": 1},
     }
 
@@ -73,7 +74,23 @@ def assert_outputs(workdir, num_layers, n_samples, seq_len):
     assert plan["provenance"]["package"]["source_sha256"]
     for log in ("calibration", "activations", "similarity"):
         assert (root / "logs" / f"{log}.log").stat().st_size > 0
+    model_dirs = sorted((root / "k2").glob("*/model"))
+    assert model_dirs
+    for model_dir in model_dirs:
+        assert_loadable(model_dir, num_layers - 2)
     return plan
+
+
+def assert_loadable(model_dir, num_layers):
+    """A compressed model is an ordinary checkpoint: vanilla from_pretrained, the right depth, finite logits."""
+    from transformers import AutoModelForCausalLM
+
+    record = json.loads((model_dir / "compression.json").read_text())
+    assert record["num_layers"]["compressed"] == num_layers
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.num_hidden_layers == num_layers
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
 
 
 @pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/data")
@@ -87,11 +104,18 @@ def test_workflow_on_stories260k_and_incremental_reruns(tmp_path):
     config = base_config(STORIES)
     config["targets"]["k2"]["remove_blocks"] = 1
     write_config(tmp_path, config)
-    assert planned_jobs(tmp_path) == {"plan": 1, "all": 1}, "a changed target reruns only the plan"
+    assert planned_jobs(tmp_path) == {"plan": 1, "compress": 2, "all": 1}, \
+        "a changed target reruns only the plan and the compressions that use it"
+
+    config = base_config(STORIES)
+    config["methods"]["flattengpt"]["lambda_factor"] = 1.0
+    write_config(tmp_path, config)
+    assert planned_jobs(tmp_path) == {"compress": 1, "all": 1}, "a changed lambda reruns only FlattenGPT, not drop"
 
     config = base_config(STORIES, n_samples=5)
     write_config(tmp_path, config)
-    assert planned_jobs(tmp_path) == {"calibration": 1, "activations": 1, "similarity": 1, "plan": 1, "all": 1}
+    assert planned_jobs(tmp_path) == {"calibration": 1, "activations": 1, "similarity": 1, "plan": 1, "compress": 2,
+                                      "all": 1}
     snakemake(tmp_path)
     assert_outputs(tmp_path, num_layers=5, n_samples=5, seq_len=32)
 
@@ -101,6 +125,9 @@ def test_workflow_on_random_qwen2(tmp_path):
     config = base_config(model)
     config["targets"]["k2"]["max_group_size"] = 2
     config["targets"]["ratio"] = {"ratio": 0.3}
+    config["methods"]["flatten-only"] = {"method": "flatten-only"}
+    config["methods"]["flattengpt-original"] = {"method": "flattengpt", "compensation_target": "original",
+                                                "lambda_factor": 1.0}
     write_config(tmp_path, config)
     snakemake(tmp_path)
     plan = assert_outputs(tmp_path, num_layers=6, n_samples=6, seq_len=32)

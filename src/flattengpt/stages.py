@@ -111,3 +111,26 @@ def plan_stage(model_json: str | Path, cosine_csv: str | Path, target: dict, out
               "provenance": provenance}
     write_json(out_json, record)
     return plan
+
+
+def compress_stage(model_json: str | Path, tokens: str | Path, plan_json: str | Path, out_dir: str | Path,
+                   state_dir: str | Path, method: dict, compute: dict, provenance: dict) -> dict:
+    """Apply a plan: FlattenGPT (flatten + prune), or the drop / flatten-only ablations."""
+    from .compress import compress_model
+    from .data import load_tokens
+
+    model = read_json(model_json)
+    plan = read_json(plan_json)
+    input_ids, _ = load_tokens(tokens)
+    provenance = {**provenance, "inputs": {"model_fingerprint": model["fingerprint"],
+                                           "tokens_sha256": file_sha256(tokens),
+                                           "plan_sha256": file_sha256(plan_json)}}
+    options = {key: method[key] for key in ("lambda_factor", "compensation_target", "attn_compensation",
+                                            "head_scoring") if key in method}
+    record = compress_model(model["path"], plan["groups"], input_ids, out_dir, method=method["method"],
+                            device=compute["device"], dtype=compute["dtype"], batch_size=compute["batch_size"],
+                            state_dir=state_dir, provenance={**provenance, "model_note": model.get("note")},
+                            **options)
+    log.info("%s: %d -> %d blocks written to %s", method["method"], record["num_layers"]["original"],
+             record["num_layers"]["compressed"], out_dir)
+    return record

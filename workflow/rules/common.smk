@@ -21,6 +21,7 @@ wildcard_constraints:
     model="[^/]+",
     calib="[^/]+",
     target="[^/]+",
+    method="[^/]+",
 
 
 def all_outputs():
@@ -28,6 +29,7 @@ def all_outputs():
     for run in runs(config):
         wc = dict(model=run["model"], calib=run["calibration"], target=run["target"])
         outputs += expand("results/{model}/{calib}/{target}/plan.json", **wc)
+        outputs += expand("results/{model}/{calib}/{target}/{method}/model", method=config["methods"], **wc)
         outputs += expand("results/{model}/{calib}/similarity/{file}", file=SIMILARITY_FILES, **wc)
     return outputs
 
@@ -58,6 +60,14 @@ def model_source_files(wildcards):
 def plan_file_input(wildcards):
     spec = target_spec(wildcards)
     return [spec["plan_file"]] if spec.get("plan_file") else []
+
+
+def method_params(wildcards):
+    """The method's settings; only those it uses, so that e.g. lambda never reruns `drop`."""
+    spec = config["methods"][wildcards.method]
+    if spec["method"] != "flattengpt":
+        return {"method": spec["method"]}
+    return dict(spec)
 
 
 def compute_params(wildcards):

@@ -85,6 +85,24 @@ class BlockwiseModel:
         return out
 
     @torch.no_grad()
+    def next_token_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor, batch_size: int) -> tuple[float, int]:
+        """(summed NLL, predictions) of input_ids[:, 1:] from the final residual X_L (final norm, then head)."""
+        norm = self.adapter.build_final_norm()
+        norm.load_state_dict({"weight": self.checkpoint.tensor(self.adapter.final_norm_key)})
+        norm = norm.to(self.device, self.dtype)
+        head_key = self.adapter.lm_head_key
+        if head_key not in self.checkpoint:  # tied input and output embeddings
+            head_key = self.adapter.embed_key
+        head = self.checkpoint.tensor(head_key, self.device, self.dtype)
+        total, count = 0.0, 0
+        for start in range(0, hidden.shape[0], batch_size):
+            logits = (norm(hidden[start:start + batch_size].to(self.device, self.dtype)) @ head.T).float()
+            targets = input_ids[start:start + batch_size, 1:].to(self.device)
+            total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum"))
+            count += targets.numel()
+        return total, count
+
+    @torch.no_grad()
     def residual_stream(self, input_ids: torch.Tensor, batch_size: int = 8, start_hidden: torch.Tensor | None = None,
                         start_layer: int = 0, storage_device: str = "cpu") -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (l, X_l) for l = start_layer .. L: the input of block l, and X_L before the final norm.

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -347,21 +346,9 @@ def compress_group(runner: BlockwiseModel, group: list[int], hidden: torch.Tenso
     return final, new_hidden, {**stats, "flattened": True}
 
 
-@torch.no_grad()
 def _calibration_nll(runner: BlockwiseModel, hidden: torch.Tensor, input_ids: torch.Tensor, batch_size: int) -> float:
     """Mean next-token NLL of the calibration ids from the final hidden states X_L."""
-    checkpoint, adapter = runner.checkpoint, runner.adapter
-    norm = adapter.build_final_norm()
-    norm.load_state_dict({"weight": checkpoint.tensor(adapter.final_norm_key)})
-    norm = norm.to(runner.device, runner.dtype)
-    head_key = adapter.lm_head_key if adapter.lm_head_key in checkpoint else adapter.embed_key  # tied embeddings
-    head = checkpoint.tensor(head_key, runner.device, runner.dtype)
-    total, count = 0.0, 0
-    for start in range(0, hidden.shape[0], batch_size):
-        logits = (norm(hidden[start:start + batch_size].to(runner.device, runner.dtype)) @ head.T).float()
-        targets = input_ids[start:start + batch_size, 1:].to(runner.device)
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum"))
-        count += targets.numel()
+    total, count = runner.next_token_nll(hidden, input_ids, batch_size)
     return total / max(count, 1)
 
 

@@ -15,10 +15,8 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .blockwise import BlockwiseModel
-from .checkpoint import Checkpoint
 
 
 def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -36,26 +34,11 @@ def perplexity(model_dir, windows: torch.Tensor, *, device: str = "cpu", dtype: 
                batch_size: int = 8) -> dict:
     """exp(mean next-token NLL) of `windows` (n x seq_len) under the checkpoint in `model_dir`."""
     started = time.perf_counter()
-    checkpoint = Checkpoint(model_dir)
-    runner = BlockwiseModel(checkpoint, device=device, dtype=dtype)
+    runner = BlockwiseModel(model_dir, device=device, dtype=dtype)
     hidden = None
     for _, hidden in runner.residual_stream(windows, batch_size=batch_size):
         pass
-    adapter = runner.adapter
-    norm = adapter.build_final_norm()
-    norm.load_state_dict({"weight": checkpoint.tensor(adapter.final_norm_key)})
-    norm = norm.to(runner.device, runner.dtype)
-    head_key = adapter.lm_head_key if adapter.lm_head_key in checkpoint else adapter.embed_key  # tied embeddings
-    head = checkpoint.tensor(head_key, runner.device, runner.dtype)
-
-    total_nll, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        h = norm(hidden[start:start + batch_size].to(runner.device, runner.dtype))
-        logits = (h @ head.T).float()
-        targets = windows[start:start + batch_size, 1:].to(runner.device)
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        count += targets.numel()
+    total_nll, count = runner.next_token_nll(hidden, windows, batch_size)
     mean_nll = total_nll / count
     return {"perplexity": math.exp(mean_nll), "mean_nll": mean_nll, "n_windows": int(windows.shape[0]),
             "seq_len": int(windows.shape[1]), "n_predicted_tokens": count,

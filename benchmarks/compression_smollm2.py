@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,6 +79,13 @@ def main() -> None:
     parser.add_argument("--removes", type=int, nargs="+", default=[3, 6])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--targets", nargs="+", default=["flattened", "original"])
+    parser.add_argument("--attn-compensation", action="store_true", help="o_proj ridge refit ([choice], off)")
+    parser.add_argument("--max-group-size", type=int, default=None)
+    parser.add_argument("--protect-first", action="store_true")
+    parser.add_argument("--protect-last", action="store_true")
+    parser.add_argument("--append", action="store_true",
+                        help="add FlattenGPT variants (and the drop of their plan) to the existing JSON")
     args = parser.parse_args()
     if args.render_only:
         render(json.loads((HERE / "compression_smollm2.json").read_text()))
@@ -97,7 +105,8 @@ def main() -> None:
         "wikitext2-test": eval_windows(stream["wikitext2-test"], args.seq_len, args.eval_windows),
         "tinyshakespeare": eval_windows(stream["tinyshakespeare"], args.seq_len, args.eval_windows),
     }
-    rows = []
+    previous = json.loads((HERE / "compression_smollm2.json").read_text()) if args.append else None
+    rows = previous["rows"] if previous else []
 
     def evaluate(label: str, k: int, path: Path, extra: dict) -> None:
         row = {"model": label, "removed": k, **extra}
@@ -114,17 +123,28 @@ def main() -> None:
         S = cosine_matrix(tmp / "acts")
         bi = block_influence(S)
         num_layers = Checkpoint(model_dir).adapter.num_layers
-        evaluate("dense", 0, model_dir, {"seconds": None})
+        if not args.append:
+            evaluate("dense", 0, model_dir, {"seconds": None})
 
+        plan_options = {"max_group_size": args.max_group_size, "protect_first": args.protect_first,
+                        "protect_last": args.protect_last}
+        plan_label = "".join([f" max_group_size={args.max_group_size}" if args.max_group_size else "",
+                              " protect_first" if args.protect_first else "",
+                              " protect_last" if args.protect_last else ""])
         for k in args.removes:
-            plan = greedy_plan(S, k)
-            variants = [("drop (FlattenGPT plan)", plan.groups, {"method": "drop"}),
-                        ("ShortGPT (lowest BI, dropped)", groups_dropping(shortgpt_blocks(bi, k), num_layers),
-                         {"method": "drop"})]
-            for target in ("flattened", "original"):
+            plan = greedy_plan(S, k, **plan_options)
+            variants = [(f"drop (FlattenGPT plan{plan_label})", plan.groups, {"method": "drop"})]
+            if not args.append:
+                variants.append(("ShortGPT (lowest BI, dropped)", groups_dropping(shortgpt_blocks(bi, k), num_layers),
+                                 {"method": "drop"}))
+            elif not plan_label:
+                variants = []  # the plan's drop is already in the table
+            for target in args.targets:
                 for lam in args.lambdas:
-                    variants.append((f"FlattenGPT {target} lambda={lam:g}", plan.groups,
-                                     {"method": "flattengpt", "compensation_target": target, "lambda_factor": lam}))
+                    label = f"FlattenGPT {target} lambda={lam:g}" + (" +o_proj refit" if args.attn_compensation else "")
+                    variants.append((label + plan_label, plan.groups,
+                                     {"method": "flattengpt", "compensation_target": target, "lambda_factor": lam,
+                                      "attn_compensation": args.attn_compensation}))
             for label, groups, options in variants:
                 out = tmp / f"k{k}-{len(rows)}"
                 started = time.perf_counter()
@@ -132,6 +152,11 @@ def main() -> None:
                 seconds = time.perf_counter() - started
                 evaluate(label, k, out, {"seconds": round(seconds, 1), "groups": [g for g in groups if len(g) > 1]})
 
+    if previous:
+        previous["appended"] = previous.get("appended", []) + [" ".join(sys.argv[1:])]
+        (HERE / "compression_smollm2.json").write_text(json.dumps(previous, indent=2) + "\n")
+        render(previous)
+        return
     result = {
         "model": "SmolLM2-135M-Instruct (embedded)", "note": EMBEDDED_MODELS["smollm2-135m-instruct"]["note"],
         "calibration": {"text": "wikitext-2.wiki.valid.tokens", "n_samples": args.n_samples, "seq_len": args.seq_len,
@@ -179,7 +204,10 @@ def render(result: dict) -> None:
         lines.append(f"| {r['removed']} | {r['model']} | " + " | ".join(str(r[n]) for n in names)
                      + f" | {r['seconds'] if r['seconds'] is not None else ''} | {r.get('groups', '')} |")
     lines += ["", "Reproduce: `.venv/bin/python benchmarks/compression_smollm2.py --lambdas 0.1 1 10 100` "
-              "(about 45 min on 2 CPU cores); `--render-only` rewrites this file from the JSON.", ""]
+              "(about 45 min on 2 CPU cores); `--render-only` rewrites this file from the JSON."]
+    lines += [f"Rows added with `.venv/bin/python benchmarks/compression_smollm2.py {extra}`"
+              for extra in result.get("appended", [])]
+    lines.append("")
     (HERE / "compression_smollm2.md").write_text("\n".join(lines))
 
 

@@ -348,7 +348,7 @@ def compress_group(runner: BlockwiseModel, group: list[int], hidden: torch.Tenso
 
 def _calibration_nll(runner: BlockwiseModel, hidden: torch.Tensor, input_ids: torch.Tensor, batch_size: int) -> float:
     """Mean next-token NLL of the calibration ids from the final hidden states X_L."""
-    total, count = runner.next_token_nll(hidden, input_ids, batch_size)
+    total, count = runner.next_token_nll(hidden, input_ids)
     return total / max(count, 1)
 
 

@@ -38,7 +38,7 @@ def perplexity(model_dir, windows: torch.Tensor, *, device: str = "cpu", dtype: 
     hidden = None
     for _, hidden in runner.residual_stream(windows, batch_size=batch_size):
         pass
-    total_nll, count = runner.next_token_nll(hidden, windows, batch_size)
+    total_nll, count = runner.next_token_nll(hidden, windows)
     mean_nll = total_nll / count
     return {"perplexity": math.exp(mean_nll), "mean_nll": mean_nll, "n_windows": int(windows.shape[0]),
             "seq_len": int(windows.shape[1]), "n_predicted_tokens": count,

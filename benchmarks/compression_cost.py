@@ -24,7 +24,7 @@ DEEP = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_
             vocab_size=8192, max_position_embeddings=512, tie_word_embeddings=False, num_hidden_layers=48)
 
 
-def worker(mode: str, model_dir: str, n_samples: int, seq_len: int, remove: int) -> dict:
+def worker(mode: str, model_dir: str, n_samples: int, seq_len: int, remove: int, groups_file: str) -> dict:
     import torch
 
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported by both modes)
@@ -41,36 +41,36 @@ def worker(mode: str, model_dir: str, n_samples: int, seq_len: int, remove: int)
 
             for _ in BlockwiseModel(model_dir).residual_stream(ids, batch_size=8):
                 pass
-        else:
+        elif mode == "plan":  # activations + similarity + plan: their own stages, measured apart
             from flattengpt.activations import compute_activations
-            from flattengpt.compress import compress_model
             from flattengpt.plan import greedy_plan
             from flattengpt.similarity import cosine_matrix
 
-            plan_started = time.perf_counter()
             compute_activations(model_dir, ids, Path(tmp) / "acts", state_dir=Path(tmp) / "s")
             groups = greedy_plan(cosine_matrix(Path(tmp) / "acts"), remove).groups
-            plan_seconds = time.perf_counter() - plan_started
+            Path(groups_file).write_text(json.dumps(groups))
+        else:
+            from flattengpt.compress import compress_model
+
+            groups = json.loads(Path(groups_file).read_text())
             started = time.perf_counter()
             compress_model(model_dir, groups, ids, Path(tmp) / "out", method="flattengpt", batch_size=8)
         seconds = time.perf_counter() - started
     result = {"mode": mode, "seconds": round(seconds, 2), "baseline_mib": round(baseline, 1),
               "peak_mib": round(peak_rss_mib(), 1)}
-    if mode == "compress":
-        result["activations_and_plan_seconds"] = round(plan_seconds, 2)
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", nargs=5)
+    parser.add_argument("--worker", nargs=6)
     parser.add_argument("--make-deep")
     parser.add_argument("--n-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
     if args.worker:
-        mode, model_dir, n, t, k = args.worker
-        print(json.dumps(worker(mode, model_dir, int(n), int(t), int(k))))
+        mode, model_dir, n, t, k, groups_file = args.worker
+        print(json.dumps(worker(mode, model_dir, int(n), int(t), int(k), groups_file)))
         return
     if args.make_deep:
         import torch
@@ -91,9 +91,10 @@ def main() -> None:
             size_mib = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 2**20
             row = {"model": name, "model_mib": round(size_mib, 1), "remove_blocks": remove,
                    "n_samples": args.n_samples, "seq_len": args.seq_len}
-            for mode in ("forward", "compress"):
+            for mode in ("forward", "plan", "compress"):
                 out = subprocess.run([sys.executable, __file__, "--worker", mode, str(model_dir), str(args.n_samples),
-                                      str(args.seq_len), str(remove)], check=True, capture_output=True, text=True)
+                                      str(args.seq_len), str(remove), str(Path(tmp) / "groups.json")],
+                                     check=True, capture_output=True, text=True)
                 row[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             row["time_vs_forward"] = round(row["compress"]["seconds"] / row["forward"]["seconds"], 1)
             row["peak_vs_model_size"] = round(row["compress"]["peak_mib"] / size_mib, 2)
@@ -108,7 +109,7 @@ def main() -> None:
              "tokens, each measurement in a fresh process. Time is the compress stage alone (activations and plan "
              "are their own stages) as a multiple of one blockwise dense forward pass over the same tokens; memory "
              "is the process's peak RSS against the weights on disk ('above baseline' subtracts the RSS after "
-             "importing torch and the transformers modeling code; the compress process first computes the activations and plan, so its peak covers those too).", "",
+             "importing torch and the transformers modeling code).", "",
              "| model | weights (MiB) | blocks removed | forward (s) | compress (s) | time / forward | "
              "peak RSS (MiB) | peak / weights | above baseline / weights |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -359,8 +359,11 @@ def compress_model(model_dir, groups: list[list[int]], calib_input_ids: torch.Te
                    method: str = "flattengpt", lambda_factor: float = 10.0, compensation_target: str = "flattened",
                    attn_compensation: bool = False, head_scoring: str = "output_norm", device: str = "cpu",
                    dtype: str = "float32", batch_size: int = 8, state_dir=None, provenance: dict | None = None,
-                   log: Callable[[str], None] | None = None, max_shard_bytes: int = 2 * 2**30) -> dict:
+                   log: Callable[[str], None] | None = None, max_shard_bytes: int = 64 * 2**20) -> dict:
     """Compress the checkpoint in `model_dir` by the plan `groups`; write a HF model to `out_dir`.
+
+    Finished blocks wait in memory only until `max_shard_bytes` of them are queued, then go to disk:
+    a small shard size keeps the stage's memory independent of the model's size.
 
     `calib_input_ids` [n, T] is used by method "flattengpt" only (the others accept and ignore it).
     Returns the content of out_dir/compression.json.

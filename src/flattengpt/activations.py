@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from .blockwise import BlockwiseModel, resolve_dtype
 from .checkpoint import Checkpoint
-from .provenance import atomic_path, json_sha256, write_json
+from .provenance import atomic_path, json_sha256, tensor_sha256, write_json
 from .runtime import peak_rss_mib
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def compute_activations(
     options = {"store_dtype": store_dtype, "max_tokens": max_tokens, "dtype": dtype, "seed": seed}
     key = json_sha256({
         "model": checkpoint.fingerprint(),
-        "input_ids": json_sha256(input_ids.tolist()),
+        "input_ids": tensor_sha256(input_ids),
         "options": options,
     })
     layers_dir = state_dir / "layers"

@@ -36,7 +36,7 @@ from .checkpoint import Checkpoint
 from .flatten import block_state, build_block, check_block, flatten_group, names, pad_block, widen
 from .prune import (attention_statistics, head_columns, leverage_scores, mlp_statistics, prune_channels,
                     prune_heads, ridge_fit, ridge_lambda, select_kv_groups, top_k_in_order)
-from .provenance import atomic_dir, atomic_path, json_sha256, write_json
+from .provenance import atomic_dir, atomic_path, json_sha256, tensor_sha256, write_json
 from .runtime import peak_rss_mib
 
 logger = logging.getLogger(__name__)
@@ -382,7 +382,7 @@ def compress_model(model_dir, groups: list[list[int]], calib_input_ids: torch.Te
     options = {"lambda_factor": float(lambda_factor), "compensation_target": compensation_target,
                "attn_compensation": bool(attn_compensation), "head_scoring": head_scoring,
                "dtype": dtype, "device": str(runner.device)}
-    fingerprint, ids_hash = checkpoint.fingerprint(), json_sha256(ids.tolist())
+    fingerprint, ids_hash = checkpoint.fingerprint(), tensor_sha256(ids)
     key = json_sha256({"model": fingerprint, "groups": groups, "method": method, "options": options,
                        "calibration": ids_hash})
     widest_group = widen(shape, max(len(group) for group in groups))

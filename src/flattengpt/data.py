@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .provenance import atomic_path
+from .provenance import atomic_path, tensor_sha256
 
 # ----------------------------------------------------------------------------- embedded corpora
 
@@ -344,6 +344,6 @@ def build_calibration(tokenizer, spec: dict, n_samples: int, seq_len: int, seed:
         "starts": starts,
         "n_tokens_in_corpus": int(ids.numel()),
         "bos_added": prepends_bos(tokenizer),
-        "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+        "windows_sha256": tensor_sha256(windows),
     }
     return windows, info

@@ -29,12 +29,10 @@ def peak_rss_mib() -> float:
 
 def _plain(value: Any) -> Any:
     """Snakemake's Namedlist/dict-likes as plain JSON-able values."""
-    if isinstance(value, dict):
+    if hasattr(value, "items") and callable(value.items):  # dicts and Snakemake's Namedlists
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if hasattr(value, "items") and callable(value.items):
-        return {str(k): _plain(v) for k, v in value.items()}
     return value
 
 

@@ -1,0 +1,339 @@
+"""Zero-shot evaluation: the shipped local task configs against lm-eval's stock tasks, row by row.
+
+The local data (../shared/data/tasks/lm_eval_jsonl) is in the hub datasets' own layout, so the stock
+configs can read it with only the dataset swapped (`stock_task_config(task, file, split)`). For PIQA,
+ARC and WinoGrande the shipped task must render every row exactly as the stock task does. HellaSwag's
+local rows lack the ctx_a/ctx_b split the stock `process_docs` needs; its test rebuilds hub-layout rows
+and pins down the (documented) difference exactly.
+"""
+
+import inspect
+import json
+import math
+
+import pytest
+
+from flattengpt import zero_shot
+from flattengpt.zero_shot import LOCAL_TASKS, build_task, headline_metric, local_data_file, stock_task_config
+
+from .models_for_tests import SHARED, STORIES
+
+DATA_DIR = SHARED / "tasks" / "lm_eval_jsonl" if SHARED is not None else None
+needs_shared = pytest.mark.skipif(SHARED is None, reason="needs ../shared/data")
+
+# the official evaluation-set sizes (PIQA valid, ARC test, HellaSwag valid, WinoGrande dev)
+ITEM_COUNTS = {"piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "winogrande": 1267, "hellaswag": 10042}
+# config keys that name the data or the task rather than what is shown to the model or scored
+DATA_KEYS = {"task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "training_split",
+             "validation_split", "test_split", "metadata"}
+
+
+def _same(a, b) -> bool:
+    if callable(a) and callable(b):  # functions loaded twice (!function) are distinct objects
+        return inspect.getsource(a) == inspect.getsource(b)
+    return a == b
+
+
+_TASK_CACHE: dict = {}
+
+
+def _tasks(task: str):
+    """(shipped task, stock task reading the same local file), built once per module."""
+    if task not in _TASK_CACHE:
+        from lm_eval.api.task import ConfigurableTask
+
+        file, split = LOCAL_TASKS[task]
+        stock = ConfigurableTask(config=stock_task_config(task, DATA_DIR / file, split))
+        _TASK_CACHE[task] = build_task(task, DATA_DIR), stock
+    return _TASK_CACHE[task]
+
+
+# ----------------------------------------------------------------------------- errors and fallbacks
+
+
+def test_headline_metric_prefers_acc_norm():
+    assert headline_metric({"acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.6}) == "acc_norm"
+    assert headline_metric({"acc": 0.5, "acc_stderr": 0.1}) == "acc"  # WinoGrande has no acc_norm
+    with pytest.raises(ValueError, match="neither acc_norm nor acc"):
+        headline_metric({"exact_match,none": 1.0})
+
+
+def test_missing_local_file_names_the_config_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"evaluation\.zero_shot\.data_dir.*piqa_validation\.jsonl"):
+        local_data_file("piqa", tmp_path)
+    with pytest.raises(ValueError, match="no shipped local config for task 'boolq'"):
+        local_data_file("boolq", tmp_path)
+
+
+def test_build_task_falls_back_to_the_registry_name(tmp_path):
+    # no data_dir: every task (the paper's five included) is left to lm-eval's registry (the hub)
+    assert build_task("piqa") == "piqa"
+    # a task with no shipped config goes to the registry even when data_dir is set
+    assert build_task("boolq", tmp_path) == "boolq"
+    assert set(LOCAL_TASKS) == set(zero_shot.PAPER_TASKS)
+    assert {path.stem for path in zero_shot.TASKS_DIR.glob("*.yaml")} == set(LOCAL_TASKS)
+
+
+def test_build_task_with_a_data_dir_lacking_the_file(tmp_path):
+    pytest.importorskip("lm_eval")
+    with pytest.raises(FileNotFoundError, match=r"evaluation\.zero_shot\.data_dir"):
+        build_task("arc_easy", tmp_path)
+
+
+# ----------------------------------------------------------------------------- configs and rendering
+
+
+@pytest.mark.parametrize("task", ["piqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag"])
+def test_shipped_config_is_the_stock_config_but_for_the_data(task):
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    shipped = load_yaml(zero_shot.TASKS_DIR / f"{task}.yaml")
+    stock = stock_task_config(task)
+    differ = DATA_KEYS
+    if task == "hellaswag":  # the local rows already hold query/choices/gold; see test_hellaswag_*
+        differ = DATA_KEYS | {"process_docs", "doc_to_target"}
+        assert (shipped["doc_to_target"], stock["doc_to_target"]) == ("{{gold}}", "{{label}}")
+        assert "process_docs" not in shipped
+    keys = (set(shipped) | set(stock)) - differ
+    assert {key for key in keys if not _same(shipped.get(key), stock.get(key))} == set()
+    assert shipped["task"] == f"{task}_local" and shipped["metadata"]["stock_task"] == task
+    assert shipped["metadata"]["local_file"] == LOCAL_TASKS[task][0]
+    split = LOCAL_TASKS[task][1]
+    split_key = "test_split" if split == "test" else "validation_split"
+    assert shipped[split_key] == stock[split_key] == split
+    assert shipped["metadata"]["version"] == stock["metadata"]["version"]
+    # pointed at a local file, the stock config keeps only the split that file holds
+    swapped = stock_task_config(task, "local.jsonl", split)
+    assert swapped["dataset_kwargs"] == {"data_files": {split: "local.jsonl"}}
+    assert {key: swapped.get(key) for key in ("training_split", "validation_split", "test_split")} == {
+        key: (split if key == split_key else None) for key in ("training_split", "validation_split", "test_split")}
+
+
+@pytest.mark.shared
+@needs_shared
+@pytest.mark.parametrize("task", ["piqa", "arc_easy", "arc_challenge", "winogrande"])
+def test_local_task_renders_every_row_as_the_stock_task(task):
+    pytest.importorskip("lm_eval")
+    shipped, stock = _tasks(task)
+    assert shipped.OUTPUT_TYPE == stock.OUTPUT_TYPE == "multiple_choice"
+    assert list(shipped._metric_fn_list) == list(stock._metric_fn_list)
+    assert list(shipped._metric_fn_list) == (["acc"] if task == "winogrande" else ["acc", "acc_norm"])
+    assert shipped.aggregation() == stock.aggregation() and shipped.higher_is_better() == stock.higher_is_better()
+    assert shipped.config.target_delimiter == stock.config.target_delimiter == " "
+    assert shipped.multiple_input == stock.multiple_input
+    assert shipped.config.num_fewshot in (None, 0) and stock.config.num_fewshot in (None, 0)
+
+    ours, theirs = list(shipped.eval_docs), list(stock.eval_docs)
+    assert len(ours) == len(theirs) == ITEM_COUNTS[task]
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a == b, i
+        assert shipped.doc_to_text(a) == stock.doc_to_text(b), i
+        choices = shipped.doc_to_choice(a)
+        assert choices == stock.doc_to_choice(b), i
+        target = shipped.doc_to_target(a)
+        assert target == stock.doc_to_target(b), i
+        if task != "winogrande":  # there the target is the sentence's tail and the text the gold index
+            assert isinstance(target, int) and 0 <= target < len(choices), i
+
+
+@pytest.mark.shared
+@needs_shared
+@pytest.mark.parametrize("task", ["piqa", "arc_easy", "arc_challenge", "winogrande"])
+def test_local_task_builds_the_stock_requests(task):
+    """The (context, continuation) pairs lm-eval sends the model, for the first 300 rows, zero-shot."""
+    pytest.importorskip("lm_eval")
+    shipped, stock = _tasks(task)
+    requests = []
+    for t in (shipped, stock):
+        t.build_all_requests(limit=300)
+        requests.append([(inst.request_type, inst.idx, inst.arguments, inst.doc_id) for inst in t.instances])
+    assert requests[0] == requests[1]
+    assert {doc_id for *_, doc_id in requests[0]} == set(range(300))
+    kind, idx, (context, continuation), doc_id = requests[0][0]
+    assert kind == "loglikelihood" and idx == 0 and doc_id == 0 and continuation.startswith(" ")
+    if task != "winogrande":
+        assert context.startswith("Question: ") and context.endswith("\nAnswer:")
+
+
+# ----------------------------------------------------------------------------- HellaSwag
+
+# WikiHow rows: their ctx is whole sentences (ends with "."), the hub's ctx_b is "".
+# ActivityNet rows: ctx = ctx_a + " " + ctx_b, ctx_b being the start of the next sentence.
+HELLASWAG_WIKIHOW_ROWS = 6799
+HELLASWAG_ACTIVITYNET_ROWS = 3243
+HELLASWAG_LOWER_CTX_B = 3236  # ActivityNet rows whose ctx_b starts lower-case: the stock capitalizes it
+HELLASWAG_QUERIES_PREPROCESSED = 2  # WikiHow queries still holding [..] text the stock preprocess drops
+HELLASWAG_CHOICES_PREPROCESSED = 12  # local endings the stock preprocess still changes (12 rows, 1 each)
+
+
+def hub_layout(row: dict) -> dict:
+    """A hub (Rowan/hellaswag) row rebuilt from a local row: ctx split into ctx_a and ctx_b."""
+    ctx = row["ctx"]
+    if ctx.endswith("."):
+        ctx_a, ctx_b = ctx, ""
+    else:
+        cut = ctx.rindex(". ") + 1
+        ctx_a, ctx_b = ctx[:cut], ctx[cut + 1:]
+        assert ctx_a + " " + ctx_b == ctx
+    return {"activity_label": row["activity_label"], "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": ctx,
+            "endings": row["choices"], "label": str(row["gold"])}
+
+
+@pytest.fixture(scope="module")
+def hellaswag(tmp_path_factory):
+    if SHARED is None:
+        pytest.skip("needs ../shared/data")
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.task import ConfigurableTask
+
+    file, split = LOCAL_TASKS["hellaswag"]
+    rows = [json.loads(line) for line in (DATA_DIR / file).read_text().splitlines()]
+    hub_rows = [hub_layout(row) for row in rows]
+    hub_file = tmp_path_factory.mktemp("hellaswag") / "hellaswag_hub_layout.jsonl"
+    hub_file.write_text("".join(json.dumps(row) + "\n" for row in hub_rows))
+    stock = ConfigurableTask(config=stock_task_config("hellaswag", hub_file, split))
+    return rows, hub_rows, build_task("hellaswag", DATA_DIR), stock
+
+
+@pytest.mark.shared
+def test_hellaswag_local_rows(hellaswag):
+    rows, hub_rows, shipped, _ = hellaswag
+    assert len(rows) == ITEM_COUNTS["hellaswag"]
+    assert all(row["query"] == f"{row['activity_label']}: {row['ctx']}" for row in rows)
+    assert all(len(row["choices"]) == 4 and row["gold"] in range(4) for row in rows)
+    wikihow = [hub for hub in hub_rows if not hub["ctx_b"]]
+    activitynet = [hub for hub in hub_rows if hub["ctx_b"]]
+    assert (len(wikihow), len(activitynet)) == (HELLASWAG_WIKIHOW_ROWS, HELLASWAG_ACTIVITYNET_ROWS)
+    assert sum(hub["ctx_b"][0].islower() for hub in activitynet) == HELLASWAG_LOWER_CTX_B
+    # The other 7 ActivityNet ctx_b start with a digit or a quote ('2 a guy', '" knife sharpening'),
+    # where capitalize() changes nothing (were the hub's ctx_b of those the words after the digit,
+    # the stock would differ on up to 7 more rows). No ctx_b has an upper-case letter that
+    # capitalize() would lower.
+    assert all(not hub["ctx_b"][0].isalpha() for hub in activitynet if not hub["ctx_b"][0].islower())
+    assert all(hub["ctx_b"] == hub["ctx_b"].lower() for hub in activitynet)
+    # Splitting every ctx at its last ". " instead would also find 3243 lower-case tails, but 7 of
+    # them are inside WikiHow sentences ("... from 10 a.m. to 10 p.m., but ..."), not a ctx_b.
+    tails = [hub["ctx"][hub["ctx"].rindex(". ") + 2:] for hub in hub_rows]
+    assert sum(tail[:1].islower() for tail in tails) == 3243
+    assert sum(tail[:1].islower() for tail, hub in zip(tails, hub_rows) if not hub["ctx_b"]) == 7
+    assert len(list(shipped.eval_docs)) == len(rows)
+
+
+@pytest.mark.shared
+def test_hellaswag_differs_from_stock_only_by_capitalization(hellaswag):
+    from lm_eval.tasks.hellaswag.utils import preprocess, process_docs
+
+    rows, hub_rows, shipped, stock = hellaswag
+    assert stock.config.process_docs.__name__ == process_docs.__name__
+    assert inspect.getsource(stock.config.process_docs) == inspect.getsource(process_docs)
+    assert list(shipped._metric_fn_list) == list(stock._metric_fn_list) == ["acc", "acc_norm"]
+
+    ours, theirs = list(shipped.eval_docs), list(stock.eval_docs)
+    assert len(ours) == len(theirs) == len(rows)
+    text_differs = capitalized = preprocessed = choices_changed = 0
+    for row, hub, a, b in zip(rows, hub_rows, ours, theirs):
+        text, stock_text = shipped.doc_to_text(a), stock.doc_to_text(b)
+        # the shipped query with the stock's capitalization of ctx_b's first letter put back ...
+        fixed = text
+        if hub["ctx_b"]:
+            at = len(hub["activity_label"]) + 2 + len(hub["ctx_a"]) + 1
+            assert text[at:] == hub["ctx_b"]
+            fixed = text[:at] + text[at].upper() + text[at + 1:]
+        # ... is the stock query, up to the stock preprocess's removal of leftover [..] text
+        assert preprocess(fixed) == stock_text
+        text_differs += text != stock_text
+        capitalized += fixed != text
+        preprocessed += preprocess(fixed) != fixed
+        if fixed != text:
+            assert stock_text == fixed and stock_text.lower() == text.lower()
+
+        choices, stock_choices = shipped.doc_to_choice(a), stock.doc_to_choice(b)
+        assert stock_choices == [preprocess(choice) for choice in choices]
+        choices_changed += sum(x != y for x, y in zip(choices, stock_choices))
+        assert shipped.doc_to_target(a) == stock.doc_to_target(b) == row["gold"]
+
+    assert capitalized == HELLASWAG_LOWER_CTX_B
+    assert preprocessed == HELLASWAG_QUERIES_PREPROCESSED
+    assert text_differs == HELLASWAG_LOWER_CTX_B + HELLASWAG_QUERIES_PREPROCESSED  # 3238 of 10042
+    assert choices_changed == HELLASWAG_CHOICES_PREPROCESSED
+
+
+# ----------------------------------------------------------------------------- end to end on a real model
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model runs fastest on one thread, and stays fast on a loaded machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def direct_scores(model_dir, rows):
+    """acc and acc_norm of the stock ARC prompt, scored with the HF model directly as lm-eval scores it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    max_length = model.config.max_position_embeddings
+    correct = correct_norm = 0
+    for row in rows:
+        context = f"Question: {row['question']}\nAnswer:"
+        choices = row["choices"]["text"]
+        gold = row["choices"]["label"].index(row["answerKey"])
+        lls = []
+        for choice in choices:
+            continuation = " " + choice  # target_delimiter " "
+            # lm-eval (causal): encode the whole string and the context; the continuation is the tail
+            whole = tokenizer.encode(context + continuation)
+            context_ids = tokenizer.encode(context)
+            continuation_ids = whole[len(context_ids):]
+            inputs = (context_ids + continuation_ids)[-(max_length + 1):][:-1]
+            with torch.no_grad():
+                logprobs = model(torch.tensor([inputs])).logits[0].float().log_softmax(-1)
+            tail = logprobs[-len(continuation_ids):]
+            lls.append(tail.gather(1, torch.tensor(continuation_ids)[:, None]).sum().item())
+        correct += max(range(len(lls)), key=lambda i: (lls[i], -i)) == gold
+        normed = [ll / len(choice) for ll, choice in zip(lls, choices)]  # acc_norm: per character
+        correct_norm += max(range(len(normed)), key=lambda i: (normed[i], -i)) == gold
+    return correct / len(rows), correct_norm / len(rows)
+
+
+def _check_record(record, task, metric):
+    assert record["task"] == task and record["lm_eval_task"] == f"{task}_local"
+    assert record["source"] == "local"
+    assert record["data_file"] == str((DATA_DIR / LOCAL_TASKS[task][0]).resolve())
+    assert record["metric"] == metric
+    assert 0.0 <= record["value"] <= 1.0 and record["value"] == record["metrics"][metric]
+    assert math.isfinite(record["stderr"]) and record["stderr"] >= 0
+    assert record["n_samples"]["effective"] == 8 and record["n_samples"]["original"] == ITEM_COUNTS[task]
+    assert record["lm_eval_version"] == zero_shot.LM_EVAL_VERSION == "0.4.13"
+    assert record["limit"] == 8 and record["num_fewshot"] == 0
+    json.dumps(record)  # JSON-able
+
+
+@pytest.mark.shared
+@needs_shared
+def test_arc_easy_end_to_end_matches_direct_scoring(one_thread):
+    pytest.importorskip("lm_eval")
+    record = zero_shot.evaluate_task(STORIES, "arc_easy", data_dir=DATA_DIR, limit=8, batch_size=8)
+    _check_record(record, "arc_easy", "acc_norm")
+    assert set(record["metrics"]) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    rows = [json.loads(line) for line in (DATA_DIR / "arc_easy_test.jsonl").read_text().splitlines()[:8]]
+    acc, acc_norm = direct_scores(STORIES, rows)
+    assert record["metrics"]["acc"] == pytest.approx(acc)
+    assert record["metrics"]["acc_norm"] == pytest.approx(acc_norm)
+
+
+@pytest.mark.shared
+@needs_shared
+def test_winogrande_end_to_end(one_thread):
+    pytest.importorskip("lm_eval")
+    record = zero_shot.evaluate_task(STORIES, "winogrande", data_dir=DATA_DIR, limit=8, batch_size=8)
+    _check_record(record, "winogrande", "acc")
+    assert "acc_norm" not in record["metrics"]

@@ -1,0 +1,273 @@
+"""Inference speed and memory of dense and depth-compressed checkpoints, measured side by side.
+
+Depth compression removes whole decoder layers, so its promise is a wall-clock speedup close to
+L / (L - k) in both prefill (many tokens per forward) and decode (one token per forward with a KV
+cache, which also shrinks by the same factor). This module measures what a checkpoint actually
+delivers: each model is loaded, timed and freed in turn within one process, so the ratios between
+models compare like with like (same threads, same clocks, same random prompt).
+
+Prefill keeps only the last position's logits (`logits_to_keep=1`), as generation does: the
+vocabulary projection over every prompt position is work a serving stack never does and depth
+compression does not touch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .blockwise import resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+
+def head_dim(config) -> int:
+    """Per-head width: the config's explicit head_dim when set (Qwen3, Gemma...), else hidden / heads."""
+    explicit = getattr(config, "head_dim", None)
+    return int(explicit) if explicit else config.hidden_size // config.num_attention_heads
+
+
+def kv_cache_bytes_per_token(config, dtype: str | torch.dtype) -> int:
+    """Bytes of KV cache one token costs: K and V for every layer and key/value head.
+
+    `config` is a transformers PretrainedConfig; models without grouped-query attention have as
+    many key/value heads as attention heads.
+    """
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    element = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim(config) * element
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc/self/statm: pages, second field)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _RssSampler:
+    """Peak RSS above the level at start, sampled from a background thread every `interval` seconds.
+
+    The process's own high-water mark (VmHWM) cannot tell one model from the one before it, so the
+    peak of each model's load and measurement is sampled instead. Torch releases the GIL inside
+    its kernels, so the sampler keeps running while a forward pass does.
+    """
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.baseline = _rss_bytes()
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def increase_mib(self) -> float:
+        return (self.peak - self.baseline) / MIB
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _timed_runs(run: Callable[[], float], warmup: int, repeats: int) -> list[float]:
+    """`warmup` untimed calls, then the seconds each of `repeats` calls reports."""
+    for _ in range(warmup):
+        run()
+    return [run() for _ in range(repeats)]
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    """perf_counter, after waiting for queued CUDA work so the time covers the kernels themselves."""
+    if device.type == "cuda":
+        def now() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return now
+    return time.perf_counter
+
+
+@torch.inference_mode()
+def _prefill_seconds(model, input_ids: torch.Tensor, now: Callable[[], float]) -> float:
+    started = now()
+    model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+    return now() - started
+
+
+@torch.inference_mode()
+def _decode_seconds(model, input_ids: torch.Tensor, decode_tokens: int, now: Callable[[], float]) -> float:
+    """Seconds to decode `decode_tokens` greedy tokens one at a time after an (untimed) fresh prefill."""
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    past, next_token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    started = now()
+    for _ in range(decode_tokens):
+        out = model(input_ids=next_token, past_key_values=past, use_cache=True)
+        past, next_token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return now() - started
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def _validate(model_dirs: dict, *, batch_size: int, prompt_len: int, decode_tokens: int, warmup: int,
+              repeats: int) -> dict:
+    """Check every argument before any model is loaded; return each model's config."""
+    from transformers import AutoConfig
+
+    for name, value, least in (("batch_size", batch_size, 1), ("prompt_len", prompt_len, 1),
+                               ("decode_tokens", decode_tokens, 1), ("warmup", warmup, 0),
+                               ("repeats", repeats, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if not model_dirs:
+        raise ValueError("model_dirs is empty; name at least one model directory")
+    configs = {}
+    for name, model_dir in model_dirs.items():
+        if not (Path(model_dir) / "config.json").is_file():
+            raise ValueError(f"model_dirs[{name!r}] = {str(model_dir)!r} is not a checkpoint directory (no config.json)")
+        config = AutoConfig.from_pretrained(model_dir)
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit is not None and prompt_len + decode_tokens > limit:
+            raise ValueError(f"prompt_len + decode_tokens = {prompt_len} + {decode_tokens} exceeds "
+                             f"max_position_embeddings = {limit} of model_dirs[{name!r}]")
+        configs[name] = config
+    return configs
+
+
+def _measure_one(model_dir: str | Path, config, *, device: torch.device, dtype: torch.dtype, batch_size: int,
+                 prompt_len: int, decode_tokens: int, warmup: int, repeats: int, seed: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    sampler = None if cuda else _RssSampler()
+    with sampler or contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+        model = model.to(device).eval()
+        generator = torch.Generator().manual_seed(seed)
+        input_ids = torch.randint(0, config.vocab_size, (batch_size, prompt_len), generator=generator).to(device)
+        now = _clock(device)
+        prefill = _timed_runs(lambda: _prefill_seconds(model, input_ids, now), warmup, repeats)
+        decode = _timed_runs(lambda: _decode_seconds(model, input_ids, decode_tokens, now), warmup, repeats)
+        record = {
+            "model_dir": str(model_dir),
+            "num_layers": int(model.config.num_hidden_layers),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+        del model
+    gc.collect()
+    if cuda:
+        peak, method = torch.cuda.max_memory_allocated(device) / MIB, "cuda_max_allocated"
+        torch.cuda.empty_cache()
+    else:
+        peak, method = sampler.increase_mib, "cpu_rss_increase"
+    prefill_tps = [batch_size * prompt_len / seconds for seconds in prefill]
+    decode_ms = [seconds / decode_tokens * 1000 for seconds in decode]
+    record.update({
+        "prefill_tokens_per_s": statistics.median(prefill_tps),
+        "prefill_tokens_per_s_runs": prefill_tps,
+        "decode_ms_per_token": statistics.median(decode_ms),
+        "decode_ms_per_token_runs": decode_ms,
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config, dtype),
+        "peak_memory_mib": peak,
+        "memory_method": method,
+    })
+    return record
+
+
+def measure_speed(model_dirs: dict[str, str | Path], *, device: str = "cpu", dtype: str = "float32",
+                  batch_size: int = 1, prompt_len: int = 256, decode_tokens: int = 32, warmup: int = 2,
+                  repeats: int = 5, seed: int = 0) -> dict:
+    """Prefill throughput, decode latency (KV cache on) and peak memory of each named checkpoint.
+
+    Models are measured one after another in this process, each on the same seeded random prompt
+    of `batch_size` x `prompt_len` token ids; decode starts from a fresh prefill of that prompt and
+    times `decode_tokens` greedy steps. Figures are medians over `repeats` timed runs after
+    `warmup` untimed ones. When one model is named "dense", every other model gets its speedups
+    over it beside the ideal L_dense / L_model.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    configs = _validate(model_dirs, batch_size=batch_size, prompt_len=prompt_len, decode_tokens=decode_tokens,
+                        warmup=warmup, repeats=repeats)
+    settings = {"device": str(torch_device), "dtype": str(torch_dtype).removeprefix("torch."),
+                "batch_size": batch_size, "prompt_len": prompt_len, "decode_prompt_len": prompt_len,
+                "decode_tokens": decode_tokens, "warmup": warmup, "repeats": repeats, "seed": seed,
+                "prefill_logits_to_keep": 1, "torch_threads": torch.get_num_threads(),
+                "torch_version": torch.__version__}
+    models = {}
+    for name, model_dir in model_dirs.items():
+        record = _measure_one(model_dir, configs[name], device=torch_device, dtype=torch_dtype,
+                              batch_size=batch_size, prompt_len=prompt_len, decode_tokens=decode_tokens,
+                              warmup=warmup, repeats=repeats, seed=seed)
+        logger.info("%s: %d layers, prefill %.1f tokens/s, decode %.3f ms/token, peak memory %.1f MiB (%s)",
+                    name, record["num_layers"], record["prefill_tokens_per_s"], record["decode_ms_per_token"],
+                    record["peak_memory_mib"], record["memory_method"])
+        models[name] = record
+    result = {"settings": settings, "models": models}
+    if "dense" in models:
+        dense = models["dense"]
+        result["ratios"] = {
+            name: {"prefill_speedup": record["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"],
+                   "decode_speedup": dense["decode_ms_per_token"] / record["decode_ms_per_token"],
+                   "ideal_speedup": dense["num_layers"] / record["num_layers"]}
+            for name, record in models.items() if name != "dense"
+        }
+    return result
+
+
+# ----------------------------------------------------------------------------- generations
+
+
+@torch.inference_mode()
+def sample_generations(model_dir: str | Path, prompts: list[str], *, max_new_tokens: int = 48,
+                       device: str = "cpu", dtype: str = "float32") -> list[dict]:
+    """Greedy completions of fixed prompts: a qualitative look at what compression did to the text.
+
+    Prompts run one at a time, so no padding side or attention-mask subtleties enter; greedy
+    decoding makes the output a deterministic function of the checkpoint.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    torch_device = resolve_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype), attn_implementation="sdpa")
+    model = model.to(torch_device).eval()
+    pad_token_id = tokenizer.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+    samples = []
+    for prompt in prompts:
+        encoded = tokenizer(prompt, return_tensors="pt").to(torch_device)
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
+        new_tokens = output[0, encoded["input_ids"].shape[1]:]
+        samples.append({"prompt": prompt, "completion": tokenizer.decode(new_tokens, skip_special_tokens=True),
+                        "n_new_tokens": int(new_tokens.numel())})
+    return samples

@@ -1,0 +1,115 @@
+"""Speed and memory measurement: the shape and sanity of the record, not which model is faster.
+
+Timings on a shared CI machine say nothing reliable about speedups; those belong in benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flattengpt.speed import kv_cache_bytes_per_token, measure_speed, sample_generations
+
+from .models_for_tests import STORIES, make_model, tiny_config
+
+SMALL = dict(prompt_len=16, decode_tokens=4, warmup=1, repeats=2)
+RECORD_FIELDS = {"model_dir", "num_layers", "parameters", "prefill_tokens_per_s", "prefill_tokens_per_s_runs",
+                 "decode_ms_per_token", "decode_ms_per_token_runs", "kv_cache_bytes_per_token",
+                 "peak_memory_mib", "memory_method"}
+
+
+def test_kv_cache_bytes_per_token_with_gqa():
+    config = tiny_config("llama")  # 4 layers, 2 key/value heads of width 16
+    assert kv_cache_bytes_per_token(config, "float32") == 2 * 4 * 2 * 16 * 4
+    assert kv_cache_bytes_per_token(config, torch.bfloat16) == 2 * 4 * 2 * 16 * 2
+
+
+def test_kv_cache_head_dim_from_hidden_size():
+    config = tiny_config("llama-mha")  # 4 key/value heads; without head_dim, 64 / 4 = 16 wide
+    config.head_dim = None
+    assert kv_cache_bytes_per_token(config, "float16") == 2 * 4 * 4 * 16 * 2
+
+
+@pytest.fixture(scope="module")
+def speed_result(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speed")
+    dense = make_model(root / "dense", "llama")
+    small = make_model(root / "small", "llama", num_layers=2)
+    return measure_speed({"dense": dense, "compressed": small}, **SMALL)
+
+
+def test_measure_speed_record(speed_result):
+    settings = speed_result["settings"]
+    assert settings["device"] == "cpu" and settings["dtype"] == "float32"
+    assert {k: settings[k] for k in SMALL} == SMALL
+    assert settings["batch_size"] == 1 and settings["torch_threads"] >= 1 and settings["torch_version"]
+    assert set(speed_result["models"]) == {"dense", "compressed"}
+    for record in speed_result["models"].values():
+        assert set(record) >= RECORD_FIELDS
+        assert record["memory_method"] == "cpu_rss_increase"
+        assert len(record["prefill_tokens_per_s_runs"]) == len(record["decode_ms_per_token_runs"]) == 2
+        for value in [record["prefill_tokens_per_s"], record["decode_ms_per_token"],
+                      *record["prefill_tokens_per_s_runs"], *record["decode_ms_per_token_runs"]]:
+            assert math.isfinite(value) and value > 0
+        assert math.isfinite(record["peak_memory_mib"]) and record["peak_memory_mib"] >= 0
+    dense, small = speed_result["models"]["dense"], speed_result["models"]["compressed"]
+    assert (dense["num_layers"], small["num_layers"]) == (4, 2)
+    assert dense["parameters"] > small["parameters"] > 0
+    assert dense["kv_cache_bytes_per_token"] == 2 * small["kv_cache_bytes_per_token"] == 2 * 4 * 2 * 16 * 4
+
+
+def test_measure_speed_ratios(speed_result):
+    ratios = speed_result["ratios"]
+    assert set(ratios) == {"compressed"}
+    assert ratios["compressed"]["ideal_speedup"] == 4 / 2
+    for key in ("prefill_speedup", "decode_speedup"):
+        assert math.isfinite(ratios["compressed"][key]) and ratios["compressed"][key] > 0
+
+
+def test_no_ratios_without_dense(tmp_path):
+    result = measure_speed({"only": make_model(tmp_path, "qwen2")}, prompt_len=8, decode_tokens=2, warmup=0,
+                           repeats=1)
+    assert "ratios" not in result
+    assert len(result["models"]["only"]["decode_ms_per_token_runs"]) == 1
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(prompt_len=250, decode_tokens=10), "max_position_embeddings"),  # tiny models allow 256 positions
+    (dict(repeats=0), "repeats"),
+    (dict(prompt_len=0), "prompt_len"),
+    (dict(decode_tokens=0), "decode_tokens"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(warmup=-1), "warmup"),
+    (dict(dtype="float8"), "dtype"),
+])
+def test_bad_arguments_fail_before_loading(tmp_path, monkeypatch, kwargs, argument):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_model(tmp_path, "llama")
+
+    def no_loading(*args, **kw):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    with pytest.raises(ValueError, match=argument):
+        measure_speed({"dense": model_dir}, **kwargs)
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(ValueError, match=r"model_dirs\['dense'\]"):
+        measure_speed({"dense": tmp_path / "nowhere"})
+    with pytest.raises(ValueError, match="model_dirs"):
+        measure_speed({})
+
+
+@pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/data")
+def test_sample_generations_on_a_real_model():
+    prompts = ["Once upon a time, there was a little girl", "The dog ran to the park and"]
+    first = sample_generations(STORIES, prompts, max_new_tokens=12)
+    assert first == sample_generations(STORIES, prompts, max_new_tokens=12), "greedy decoding is deterministic"
+    assert [sample["prompt"] for sample in first] == prompts
+    for sample in first:
+        assert isinstance(sample["completion"], str) and sample["completion"].strip()
+        assert 1 <= sample["n_new_tokens"] <= 12

@@ -1,0 +1,361 @@
+"""The results table, its plots and the sample generations of every evaluated model.
+
+Everything here is a pure function of files the evaluation stages wrote (model.json, plan.json,
+compression.json, one JSON per perplexity corpus, zero-shot task, speed run and generation run),
+so the report can be rebuilt and tested without Snakemake. A missing file or field becomes NaN in
+the table, never an error: a report with holes is more useful than none.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .plots import _save, heatmap
+from .provenance import atomic_path, read_json
+
+PAPER_TASKS = ["piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge"]
+
+NAN = float("nan")
+SPEEDUPS = ("prefill_speedup", "decode_speedup", "ideal_speedup")
+INFERENCE = ("prefill_tokens_per_s", "decode_ms_per_token", "kv_cache_bytes_per_token", "peak_memory_mib")
+INT_COLUMNS = ("blocks_removed", "num_layers", "parameters", "n_tasks")
+MB = 1e6
+
+
+# ----------------------------------------------------------------------------- reading inputs
+
+
+def _read(path: str | Path | None) -> dict:
+    """The JSON at `path`, or {} when there is no path or no file (the value becomes NaN)."""
+    if path is None or not Path(path).is_file():
+        return {}
+    return read_json(path)
+
+
+def _get(record: dict, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(record, dict) or record.get(key) is None:
+            return None
+        record = record[key]
+    return record
+
+
+def _float(value: Any) -> float:
+    try:
+        return NAN if value is None else float(value)
+    except (TypeError, ValueError):
+        return NAN
+
+
+def _safetensors(directory: str | Path | None) -> list[Path]:
+    if directory is None or not Path(directory).is_dir():
+        return []
+    return sorted(Path(directory).glob("*.safetensors"))
+
+
+def checkpoint_parameters(directory: str | Path | None) -> int | None:
+    """Parameters stored in a checkpoint: numel summed over the safetensors headers (no tensor is read).
+
+    Tied weights are saved once by `save_pretrained`, so this counts what the model really holds.
+    """
+    from safetensors import safe_open
+
+    files = _safetensors(directory)
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return total
+
+
+def size_on_disk_mb(directory: str | Path | None) -> float:
+    files = _safetensors(directory)
+    return sum(file.stat().st_size for file in files) / MB if files else NAN
+
+
+def variant_label(entry: dict) -> str:
+    """"dense", or "method / target / calibration" for a compressed model."""
+    if entry.get("method") == "dense":
+        return "dense"
+    return " / ".join(str(part) for part in (entry.get("method"), entry.get("target"), entry.get("calibration"))
+                      if part is not None)
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def _task_order(tasks: Iterable[str]) -> list[str]:
+    tasks = set(tasks)
+    return [task for task in PAPER_TASKS if task in tasks] + sorted(tasks - set(PAPER_TASKS))
+
+
+def _row(entry: dict, corpora: list[str], tasks: list[str]) -> dict:
+    model = _read(entry.get("model_json"))
+    dense = entry.get("method") == "dense"
+    compression = {} if dense else _read(entry.get("compression_json"))
+    plan = {} if dense else _read(entry.get("plan_json"))
+    speed = {} if dense else _read(entry.get("speed"))
+
+    per_block = _get(model, "parameters", "per_block")
+    dense_layers = model.get("num_layers") or (len(per_block) if per_block else None)
+    dense_parameters = _get(model, "parameters", "total")
+    if dense:
+        blocks_removed, num_layers, parameters = 0, dense_layers, dense_parameters
+        model_dir = entry.get("model_dir") or model.get("path")
+    else:
+        layers = compression.get("num_layers") if isinstance(compression.get("num_layers"), dict) else {}
+        num_layers = (layers.get("compressed") or _get(speed, "models", "compressed", "num_layers")
+                      or (plan["num_layers"] - plan["remove_blocks"] if "remove_blocks" in plan else None))
+        original = layers.get("original") or plan.get("num_layers") or dense_layers
+        blocks_removed = original - num_layers if original is not None and num_layers is not None else None
+        model_dir = entry.get("model_dir")
+        parameters = checkpoint_parameters(model_dir)
+        if parameters is None:
+            parameters = plan.get("params_after")
+
+    row = {"model": entry.get("model"), "calibration": entry.get("calibration"), "method": entry.get("method"),
+           "target": entry.get("target"), "blocks_removed": blocks_removed, "num_layers": num_layers,
+           "parameters": parameters,
+           "param_ratio": _float(parameters) / _float(dense_parameters) if dense_parameters else NAN}
+
+    perplexity = entry.get("perplexity") or {}
+    for corpus in corpora:
+        row[f"ppl_{corpus}"] = _float(_read(perplexity.get(corpus)).get("perplexity"))
+
+    zero_shot = entry.get("zero_shot") or {}
+    for task in tasks:
+        record = _read(zero_shot.get(task))
+        row[task] = 100 * _float(record.get("value"))
+        row[f"{task}_stderr"] = 100 * _float(record.get("stderr"))
+    accuracies = [row[task] for task in tasks if math.isfinite(row[task])]
+    row["mean_acc"] = float(np.mean(accuracies)) if accuracies else NAN
+    row["n_tasks"] = len(accuracies)
+    row["retention"] = NAN  # needs the dense row: filled in by results_table
+
+    for name in SPEEDUPS:
+        row[name] = 1.0 if dense else _float(_get(speed, "ratios", "compressed", name))
+    for name in INFERENCE:
+        row[name] = NAN if dense else _float(_get(speed, "models", "compressed", name))
+    row["compression_seconds"] = _float(_get(compression, "timings", "seconds"))
+    row["compression_peak_rss_mib"] = _float(compression.get("peak_rss_mib"))
+    row["size_on_disk_mb"] = size_on_disk_mb(model_dir)
+    return row
+
+
+def _dense_inference(entries: list[dict]) -> dict[str, dict]:
+    """Per model, the dense model's inference figures from the first speed JSON (by path) that has them.
+
+    The dense model is measured beside every compressed one; any of those runs describes it.
+    """
+    found: dict[str, dict] = {}
+    speeds = sorted((str(e["speed"]), e.get("model")) for e in entries if e.get("speed"))
+    for path, model in speeds:
+        if model not in found:
+            record = _get(_read(path), "models", "dense")
+            if record:
+                found[model] = {name: _float(record.get(name)) for name in INFERENCE}
+    return found
+
+
+def _retention(row: pd.Series, dense: pd.Series, tasks: list[str]) -> float:
+    """Mean accuracy over the tasks both rows have, as a fraction of the dense model's on the same tasks.
+
+    With the same tasks on both sides (the normal case) this is mean_acc / dense mean_acc; restricting
+    to shared tasks keeps one failed evaluation from comparing different averages.
+    """
+    shared = [t for t in tasks if math.isfinite(row[t]) and math.isfinite(dense[t])]
+    if not shared:
+        return NAN
+    return float(np.mean([row[t] for t in shared]) / np.mean([dense[t] for t in shared]))
+
+
+def _sort_key(row: dict) -> tuple:
+    blocks = row["blocks_removed"]
+    return (str(row["model"]), row["method"] != "dense", str(row["calibration"] or ""), str(row["method"]),
+            math.inf if blocks is None else blocks, str(row["target"] or ""))
+
+
+def results_table(entries: list[dict]) -> pd.DataFrame:
+    """One row per evaluated model, the columns described in workflow/report/results.rst.
+
+    Rows are sorted by model, dense first, then calibration, method and blocks removed.
+    `param_ratio` is over the dense parameter count in model.json; `retention` and the dense row's
+    inference figures need a dense entry / a speed run of the same model, and are NaN without one.
+    """
+    corpora = sorted({corpus for e in entries for corpus in (e.get("perplexity") or {})})
+    tasks = _task_order(task for e in entries for task in (e.get("zero_shot") or {}))
+    rows = sorted((_row(entry, corpora, tasks) for entry in entries), key=_sort_key)
+    columns = (["model", "calibration", "method", "target", "blocks_removed", "num_layers", "parameters",
+                "param_ratio"] + [f"ppl_{c}" for c in corpora]
+               + [name for t in tasks for name in (t, f"{t}_stderr")]
+               + ["mean_acc", "n_tasks", "retention", *SPEEDUPS, *INFERENCE, "compression_seconds",
+                  "compression_peak_rss_mib", "size_on_disk_mb"])
+    table = pd.DataFrame(rows, columns=columns)
+
+    inference = _dense_inference(entries)
+    for index, row in table.iterrows():
+        if row["method"] == "dense":
+            for name, value in inference.get(row["model"], {}).items():
+                table.at[index, name] = value
+    for model, rows_of_model in table.groupby("model", sort=False):
+        dense = rows_of_model[rows_of_model["method"] == "dense"]
+        if len(dense):
+            for index, row in rows_of_model.iterrows():
+                table.at[index, "retention"] = _retention(row, dense.iloc[0], tasks)
+    for name in INT_COLUMNS:
+        table[name] = pd.array([None if pd.isna(v) else int(v) for v in table[name]], dtype="Int64")
+    return table.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- CSV and Markdown
+
+
+def _format(column: str, value: Any) -> str:
+    """A cell for the Markdown table: rounded for reading, "–" for missing."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "–"
+    if isinstance(value, str):
+        return value.replace("|", "\\|")
+    value = float(value)
+    if column.startswith("ppl_"):
+        return f"{value:,.2f}"
+    if column in ("param_ratio", "retention") or column.endswith("_speedup"):
+        return f"{value:.3f}"
+    if column in INT_COLUMNS or column == "kv_cache_bytes_per_token":
+        return f"{value:,.0f}"
+    if column in ("decode_ms_per_token", "size_on_disk_mb"):
+        return f"{value:,.2f}"
+    return f"{value:,.1f}"  # accuracies in percent, throughput, MiB, MB, seconds
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A pipe table with one header line and one line per row; numbers right-aligned."""
+    columns = list(df.columns)
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in columns]
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_format(c, row[c]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_table(df: pd.DataFrame, csv_path: str | Path, md_path: str | Path, title: str | None = None,
+                notes: Sequence[str] = ()) -> None:
+    """The table as CSV (every column, full precision) and as Markdown (rounded), notes as bullets below."""
+    with atomic_path(csv_path) as tmp:
+        df.to_csv(tmp, index=False)
+    parts = [f"# {title}\n"] if title else []
+    parts.append(markdown_table(df) + "\n")
+    if notes:
+        parts.append("\n".join(f"- {note}" for note in notes) + "\n")
+    with atomic_path(md_path) as tmp:
+        tmp.write_text("\n".join(parts))
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _numeric(series: pd.Series) -> np.ndarray:
+    return pd.to_numeric(series, errors="coerce").astype("float64").to_numpy()
+
+
+def _points(rows: pd.DataFrame, column: str, log_y: bool) -> dict[float, list[float]]:
+    """The finite values of `column` (positive ones for a log axis), grouped by blocks removed."""
+    values: dict[float, list[float]] = defaultdict(list)
+    for x, y in zip(_numeric(rows["blocks_removed"]), _numeric(rows[column])):
+        if math.isfinite(x) and math.isfinite(y) and (y > 0 or not log_y):
+            values[x].append(y)
+    return values
+
+
+def plot_vs_blocks(df: pd.DataFrame, column: str, path: str | Path, ylabel: str, title: str,
+                   log_y: bool = False) -> None:
+    """`column` against blocks removed, one line per (model, method), each starting at its dense point.
+
+    Several calibrations of one method give several values per x: the line goes through their mean
+    and an error bar spans their min to max, the spread due to the calibration set.
+    """
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.add_subplot()
+    models = list(dict.fromkeys(df["model"]))
+    plotted = 0
+    for model in models:
+        of_model = df[df["model"] == model]
+        dense = of_model[of_model["method"] == "dense"]
+        methods = [m for m in dict.fromkeys(of_model["method"]) if m != "dense"] or (["dense"] if len(dense) else [])
+        for method in methods:
+            own = _points(of_model[of_model["method"] == method], column, log_y)
+            if not own:
+                continue  # a method without values of its own would only repeat the dense point
+            values = own if method == "dense" else _points(pd.concat([dense, of_model[of_model["method"] == method]]),
+                                                           column, log_y)
+            xs = sorted(values)
+            mean = np.array([np.mean(values[xi]) for xi in xs])
+            low = mean - np.array([min(values[xi]) for xi in xs])
+            high = np.array([max(values[xi]) for xi in xs]) - mean
+            label = method if len(models) == 1 else f"{model} / {method}"
+            spread = any(len(values[xi]) > 1 for xi in xs)
+            axes.errorbar(xs, mean, yerr=np.vstack([low, high]) if spread else None, marker="o", capsize=3,
+                          label=label)
+            plotted += 1
+    if plotted:
+        axes.legend(fontsize="small")
+        if log_y:
+            axes.set_yscale("log")
+    else:
+        axes.text(0.5, 0.5, f"no values of {column}", ha="center", va="center", transform=axes.transAxes)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("blocks removed")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def plot_plan(cosine_csv: str | Path, plan_json: str | Path, path: str | Path, title: str) -> None:
+    """The block-input cosine similarity with the plan's flattened groups (two or more blocks) outlined."""
+    from .similarity import load_matrix
+
+    matrix, labels = load_matrix(cosine_csv)
+    groups = [group for group in read_json(plan_json).get("groups", []) if len(group) >= 2]
+    heatmap(matrix, labels, title, path, groups=groups)
+
+
+# ----------------------------------------------------------------------------- generations
+
+
+def _quote(text: str) -> str:
+    lines = text.strip("\n").splitlines() or [""]
+    return "\n".join(f"> {line}".rstrip() for line in lines) if text.strip() else "> *(empty)*"
+
+
+def generations_markdown(entries_with_generations: list[tuple[str, dict]]) -> str:
+    """For each prompt (in order of first appearance), every labelled variant's completion as a blockquote."""
+    prompts: dict[str, dict[str, dict]] = {}
+    for label, record in entries_with_generations:
+        for output in (record or {}).get("outputs", []):
+            prompts.setdefault(output["prompt"], {})[label] = output
+    labels = list(dict.fromkeys(label for label, _ in entries_with_generations))
+    parts = ["# Sample generations", "",
+             "Greedy completions of the same prompts by every model; the prompt is not repeated in them."]
+    for number, (prompt, outputs) in enumerate(prompts.items(), start=1):
+        parts += ["", f"## Prompt {number}", "", _quote(prompt)]
+        for label in labels:
+            output = outputs.get(label)
+            if output is None:
+                parts += ["", f"**{label}**: no output"]
+                continue
+            tokens = output.get("n_new_tokens")
+            parts += ["", f"**{label}**" + (f" ({tokens} new tokens)" if tokens is not None else ""), "",
+                      _quote(str(output.get("completion", "")))]
+    return "\n".join(parts) + "\n"

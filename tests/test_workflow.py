@@ -16,7 +16,7 @@ import yaml
 from flattengpt.activations import load_layer
 from flattengpt.similarity import load_matrix
 
-from .models_for_tests import REPO, STORIES, make_model_with_tokenizer
+from .models_for_tests import REPO, SHARED, STORIES, make_model_with_tokenizer
 
 pytestmark = pytest.mark.workflow
 
@@ -53,6 +53,12 @@ def base_config(model_path, n_samples=6, seq_len=32):
         "targets": {"k2": {"remove_blocks": 2}},
         "methods": {"flattengpt": {"method": "flattengpt"}, "drop": {"method": "drop"}},
         "compute": {"device": "cpu", "threads": 1},
+        "evaluation": {
+            "perplexity": {"seq_len": 64, "max_windows": 4,
+                           "corpora": {"tragedies": {"source": "embedded", "name": "shakespeare-eval"}}},
+            "speed": {"prompt_len": 16, "decode_tokens": 4, "warmup": 1, "repeats": 2},
+            "generation": {"prompts": ["Once upon a time"], "max_new_tokens": 8},
+        },
     }
 
 
@@ -93,29 +99,79 @@ def assert_loadable(model_dir, num_layers):
         assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
 
 
+def stories_config(**kwargs):
+    """STORIES with two local zero-shot tasks (a few items each) on top of the base config."""
+    config = base_config(STORIES, **kwargs)
+    config["evaluation"]["zero_shot"] = {"tasks": ["arc_easy", "winogrande"], "limit": 4, "batch_size": 8,
+                                         "data_dir": str(SHARED / "tasks" / "lm_eval_jsonl")}
+    return config
+
+
+def assert_report(workdir, n_rows, tasks, corpora):
+    import pandas as pd
+
+    report = workdir / "results" / "report"
+    table = pd.read_csv(report / "results.csv")
+    assert len(table) == n_rows, "one row per evaluated model"
+    expected = ["model", "calibration", "method", "target", "blocks_removed", "num_layers", "parameters",
+                "param_ratio", *[f"ppl_{c}" for c in corpora], *[c for t in tasks for c in (t, f"{t}_stderr")],
+                "mean_acc", "n_tasks", "retention", "prefill_speedup", "decode_speedup", "ideal_speedup",
+                "prefill_tokens_per_s", "decode_ms_per_token", "kv_cache_bytes_per_token", "peak_memory_mib",
+                "compression_seconds", "compression_peak_rss_mib", "size_on_disk_mb"]
+    assert list(table.columns) == expected
+    dense = table[table.method == "dense"].iloc[0]
+    assert dense.blocks_removed == 0 and dense.param_ratio == 1.0 and dense.ideal_speedup == 1.0
+    compressed = table[table.method != "dense"]
+    assert (compressed.blocks_removed > 0).all() and (compressed.param_ratio < 1).all()
+    assert (compressed.prefill_speedup > 0).all() and (compressed.decode_speedup > 0).all()
+    assert (table[[f"ppl_{c}" for c in corpora]] > 1).all().all()
+    for figure in ["results.md", "generations.md", *[f"perplexity_{c}.png" for c in corpora]]:
+        assert (report / figure).stat().st_size > 100, figure
+    assert list((report / "plans").glob("*.png"))
+    return table
+
+
 @pytest.mark.skipif(not STORIES.exists(), reason="needs ../shared/data")
 def test_workflow_on_stories260k_and_incremental_reruns(tmp_path):
-    write_config(tmp_path, base_config(STORIES))
+    write_config(tmp_path, stories_config())
     snakemake(tmp_path)
     assert_outputs(tmp_path, num_layers=5, n_samples=6, seq_len=32)
+    table = assert_report(tmp_path, 3, ["winogrande", "arc_easy"], ["tragedies"])
+    assert table.n_tasks.tolist() == [2, 2, 2]
+    record = json.loads((tmp_path / "results" / "tiny" / "dense" / "eval" / "zero_shot" / "arc_easy.json").read_text())
+    assert record["metric"] == "acc_norm" and record["n_samples"]["effective"] == 4
+    assert record["lm_eval_version"] == "0.4.13" and record["source"] == "local"
+
+    result = snakemake(tmp_path, "--report", "report.html")
+    html = (tmp_path / "report.html").read_text(errors="replace")
+    assert len(html) > 10_000 and "results.csv" in html
 
     assert planned_jobs(tmp_path) == {}, "a second invocation has nothing to do"
 
-    config = base_config(STORIES)
+    evaluations = {"perplexity": 1, "zero_shot": 2, "generate": 1, "speed": 1}  # per compressed model
+    config = stories_config()
     config["targets"]["k2"]["remove_blocks"] = 1
     write_config(tmp_path, config)
-    assert planned_jobs(tmp_path) == {"plan": 1, "compress": 2, "all": 1}, \
-        "a changed target reruns only the plan and the compressions that use it"
+    assert planned_jobs(tmp_path) == {"plan": 1, "compress": 2, **{k: 2 * v for k, v in evaluations.items()},
+                                      "report": 1, "all": 1}, \
+        "a changed target reruns only the plan, the compressions that use it and their evaluations"
 
-    config = base_config(STORIES)
+    config = stories_config()
     config["methods"]["flattengpt"]["lambda_factor"] = 1.0
     write_config(tmp_path, config)
-    assert planned_jobs(tmp_path) == {"compress": 1, "all": 1}, "a changed lambda reruns only FlattenGPT, not drop"
+    assert planned_jobs(tmp_path) == {"compress": 1, **evaluations, "report": 1, "all": 1}, \
+        "a changed lambda reruns only FlattenGPT and its evaluations, not drop"
 
-    config = base_config(STORIES, n_samples=5)
+    config = stories_config()
+    config["evaluation"]["zero_shot"]["limit"] = 3
+    write_config(tmp_path, config)
+    assert planned_jobs(tmp_path) == {"zero_shot": 6, "report": 1, "all": 1}, "a changed limit reruns only zero-shot"
+
+    config = stories_config(n_samples=5)
     write_config(tmp_path, config)
     assert planned_jobs(tmp_path) == {"calibration": 1, "activations": 1, "similarity": 1, "plan": 1, "compress": 2,
-                                      "all": 1}
+                                      **{k: 2 * v for k, v in evaluations.items()}, "report": 1, "all": 1}, \
+        "new calibration data re-evaluates the compressed models, never the dense one"
     snakemake(tmp_path)
     assert_outputs(tmp_path, num_layers=5, n_samples=5, seq_len=32)
 
@@ -175,6 +231,7 @@ def test_killed_activations_stage_resumes_where_it_stopped(tmp_path):
                                       head_dim=32)
     config = base_config(model, n_samples=16, seq_len=256)
     config["activations"] = {"checkpoint_every": 1}
+    config["evaluation"]["speed"]["enabled"] = False
     write_config(tmp_path, config)
     state = tmp_path / "results" / "tiny" / "plays" / ".resume" / "activations" / "state.json"
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),

@@ -7,6 +7,7 @@ reported at once, each naming the config field and the fix, and nothing here loa
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -180,6 +181,34 @@ def _check_target(name: str, spec: dict, layer_counts: dict[str, int], errors: l
                               f"protect_last={spec.get('protect_last', False)}); lower it")
 
 
+def _check_evaluation(config: dict, errors: list[str]) -> None:
+    if "dense" in config.get("calibration", {}):
+        errors.append("calibration.dense: the name `dense` is reserved for the uncompressed model's results "
+                      "(results/{model}/dense/); rename this calibration set")
+    evaluation = config.get("evaluation", {})
+    for name, spec in evaluation.get("perplexity", {}).get("corpora", {}).items():
+        _check_text(f"evaluation.perplexity.corpora.{name}", spec, errors)
+    zero_shot = evaluation.get("zero_shot", {})
+    tasks = zero_shot.get("tasks", [])
+    if len(set(tasks)) != len(tasks):
+        errors.append(f"evaluation.zero_shot.tasks: {tasks} lists a task twice; list each once")
+    batch_size = zero_shot.get("batch_size", 16)
+    if isinstance(batch_size, str) and not batch_size.startswith("auto"):
+        errors.append(f"evaluation.zero_shot.batch_size: {batch_size!r} is neither an integer nor 'auto'")
+    if tasks and importlib.util.find_spec("lm_eval") is None:
+        errors.append("evaluation.zero_shot.tasks: zero-shot evaluation needs lm-eval; "
+                      "pip install lm-eval==0.4.13 (or empty the task list)")
+    data_dir = zero_shot.get("data_dir")
+    if tasks and data_dir is not None:
+        from .zero_shot import LOCAL_TASKS
+
+        for task in tasks:
+            if task in LOCAL_TASKS and not (Path(data_dir) / LOCAL_TASKS[task][0]).is_file():
+                errors.append(f"evaluation.zero_shot.data_dir: {Path(data_dir) / LOCAL_TASKS[task][0]} not found "
+                              f"for task {task}; point data_dir at a folder laid out like "
+                              "shared/data/tasks/lm_eval_jsonl, or set it to null to use the hub")
+
+
 def runs(config: dict) -> list[dict]:
     """The (model, calibration, target) combinations this config asks for."""
     if config.get("runs"):
@@ -208,5 +237,6 @@ def check_config(config: dict) -> None:
             layer_counts.setdefault(run["target"], {})[run["model"]] = model_config["num_hidden_layers"]
     for name, spec in config.get("targets", {}).items():
         _check_target(name, spec, layer_counts.get(name, {}), errors)
+    _check_evaluation(config, errors)
     if errors:
         raise ConfigError(errors)

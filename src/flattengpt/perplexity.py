@@ -11,12 +11,15 @@ a 70B checkpoint needs one block on the device plus the hidden states of the eva
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
 import torch
 
 from .blockwise import BlockwiseModel
+
+log = logging.getLogger(__name__)
 
 
 def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -36,8 +39,9 @@ def perplexity(model_dir, windows: torch.Tensor, *, device: str = "cpu", dtype: 
     started = time.perf_counter()
     runner = BlockwiseModel(model_dir, device=device, dtype=dtype)
     hidden = None
-    for _, hidden in runner.residual_stream(windows, batch_size=batch_size):
-        pass
+    for index, hidden in runner.residual_stream(windows, batch_size=batch_size):
+        if index > 0:  # index 0 is the embedding output
+            log.info("block %d/%d done (%.0f s)", index, runner.num_layers, time.perf_counter() - started)
     total_nll, count = runner.next_token_nll(hidden, windows)
     mean_nll = total_nll / count
     return {"perplexity": math.exp(mean_nll), "mean_nll": mean_nll, "n_windows": int(windows.shape[0]),

@@ -63,3 +63,11 @@ def job_provenance(snakemake, inputs: dict | None = None, **extra: Any) -> dict:
         wildcards=dict(snakemake.wildcards.items()),
         **extra,
     )
+
+
+def optional_input(snakemake, name: str) -> str | None:
+    """A named input that an input function may leave empty (e.g. no checkpoint for the dense model)."""
+    value = snakemake.input.get(name)
+    if not value:
+        return None
+    return value if isinstance(value, str) else str(value[0])

@@ -6,6 +6,7 @@ be run and tested from Python, and the algorithms stay in their own modules.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -134,3 +135,143 @@ def compress_stage(model_json: str | Path, tokens: str | Path, plan_json: str | 
     log.info("%s: %d -> %d blocks written to %s", method["method"], record["num_layers"]["original"],
              record["num_layers"]["compressed"], out_dir)
     return record
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _evaluated(model_json: str | Path, model_dir: str | Path | None) -> tuple[str, dict]:
+    """The checkpoint to evaluate (a compressed directory, or the dense model) and its inputs record."""
+    model = read_json(model_json)
+    if model_dir is None:
+        return model["path"], {"model": "dense", "model_fingerprint": model["fingerprint"]}
+    record = read_json(Path(model_dir) / "compression.json")
+    return str(model_dir), {"model": "compressed", "compression_json_sha256": file_sha256(Path(model_dir) / "compression.json"),
+                            "model_fingerprint": model["fingerprint"], "method": record.get("method")}
+
+
+def perplexity_stage(model_json: str | Path, model_dir: str | Path | None, corpus: str, spec: dict, options: dict,
+                     compute: dict, out_json: str | Path, provenance: dict) -> dict:
+    """Perplexity on one corpus (METHOD.md section 6): non-overlapping windows of seq_len tokens."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .data import load_text, tokenize, tokenizer_info
+    from .perplexity import eval_windows, perplexity
+
+    path, inputs = _evaluated(model_json, model_dir)
+    seq_len = options["seq_len"]
+    max_positions = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+    if max_positions is not None and seq_len > max_positions:
+        raise ValueError(f"evaluation.perplexity.seq_len: {seq_len} exceeds the model's max_position_embeddings "
+                         f"({max_positions}); lower it")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text, text_info = load_text(spec)
+    ids = tokenize(tokenizer, text)
+    windows = eval_windows(ids, seq_len, options.get("max_windows"))
+    log.info("perplexity on %s: %d tokens -> %d windows of %d", corpus, ids.numel(), windows.shape[0], seq_len)
+    result = perplexity(path, windows, device=compute["device"], dtype=compute["dtype"],
+                        batch_size=options["batch_size"])
+    record = {"corpus": corpus, **result, "n_tokens_in_corpus": int(ids.numel()),
+              "max_windows": options.get("max_windows"), "text": text_info, "tokenizer": tokenizer_info(tokenizer),
+              "device": compute["device"], "dtype": compute["dtype"], "model_dir": path,
+              "provenance": {**provenance, "inputs": inputs}}
+    log.info("perplexity %s = %.3f (%d windows, %d predicted tokens)", corpus, result["perplexity"],
+             result["n_windows"], result["n_predicted_tokens"])
+    write_json(out_json, record)
+    return record
+
+
+def zero_shot_stage(model_json: str | Path, model_dir: str | Path | None, task: str, options: dict, compute: dict,
+                    out_json: str | Path, provenance: dict) -> dict:
+    """One lm-eval task, zero-shot; the record names the metric, the lm-eval version and the data file."""
+    from .blockwise import resolve_device
+    from .zero_shot import evaluate_task
+
+    path, inputs = _evaluated(model_json, model_dir)
+    record = evaluate_task(path, task, data_dir=options.get("data_dir"), limit=options.get("limit"),
+                           num_fewshot=options["num_fewshot"], batch_size=options["batch_size"],
+                           device=str(resolve_device(compute["device"])), dtype=compute["dtype"])
+    if record["data_file"]:
+        inputs["data_file_sha256"] = file_sha256(record["data_file"])
+    record.update(model_dir=path, provenance={**provenance, "inputs": inputs})
+    write_json(out_json, record)
+    return record
+
+
+def speed_stage(model_json: str | Path, model_dir: str | Path, options: dict, compute: dict, out_json: str | Path,
+                provenance: dict) -> dict:
+    """Prefill throughput and decode latency of the dense and the compressed model, back to back."""
+    from .speed import measure_speed
+
+    dense, inputs = _evaluated(model_json, None)
+    _, compressed_inputs = _evaluated(model_json, model_dir)
+    settings = {key: options[key] for key in ("batch_size", "prompt_len", "decode_tokens", "warmup", "repeats")}
+    record = measure_speed({"dense": dense, "compressed": str(model_dir)}, device=compute["device"],
+                           dtype=compute["dtype"], **settings)
+    record["provenance"] = {**provenance, "inputs": {**inputs, **compressed_inputs}}
+    write_json(out_json, record)
+    return record
+
+
+def generation_stage(model_json: str | Path, model_dir: str | Path | None, options: dict, compute: dict,
+                     out_json: str | Path, provenance: dict) -> dict:
+    """Greedy completions of fixed prompts, to eyeball what compression did to the model's text."""
+    from .speed import sample_generations
+
+    path, inputs = _evaluated(model_json, model_dir)
+    outputs = sample_generations(path, list(options["prompts"]), max_new_tokens=options["max_new_tokens"],
+                                 device=compute["device"], dtype=compute["dtype"])
+    record = {"outputs": outputs, "max_new_tokens": options["max_new_tokens"], "greedy": True,
+              "device": compute["device"], "dtype": compute["dtype"], "model_dir": path,
+              "provenance": {**provenance, "inputs": inputs}}
+    write_json(out_json, record)
+    return record
+
+
+def report_stage(entries: list[dict], plans: list[dict], outputs: dict, provenance: dict) -> "pd.DataFrame":
+    """The results table (CSV + Markdown), its plots, the plan heatmaps and the sample generations."""
+    from .report import (generations_markdown, plot_plan, plot_vs_blocks, results_table, variant_label,
+                         write_table)
+    from .provenance import atomic_path
+
+    def as_list(value) -> list[str]:
+        return [value] if isinstance(value, str) else [str(v) for v in value]
+
+    table = results_table(entries)
+    notes = sorted({read_json(e["model_json"]).get("note") for e in entries} - {None})
+    notes.append("perplexity: lower is better; task columns: lm-eval accuracy in % (acc_norm where the task has "
+                 "it, acc for WinoGrande); retention = mean_acc / dense mean_acc; speedups: compressed over dense, "
+                 "measured back to back; ideal_speedup = L / (L - k)")
+    write_table(table, outputs["csv"], outputs["markdown"], title="flattengpt results", notes=notes)
+    log.info("results table: %d rows x %d columns", *table.shape)
+
+    for path in as_list(outputs.get("perplexity", [])):
+        corpus = Path(path).stem.removeprefix("perplexity_")
+        plot_vs_blocks(table, f"ppl_{corpus}", path, ylabel=f"perplexity ({corpus})",
+                       title=f"Perplexity on {corpus} vs blocks removed", log_y=True)
+    for path in as_list(outputs.get("accuracy", [])):
+        plot_vs_blocks(table, "mean_acc", path, ylabel="mean zero-shot accuracy (%)",
+                       title="Mean zero-shot accuracy vs blocks removed")
+    for plan in plans:
+        plot_plan(plan["cosine_csv"], plan["plan_json"], plan["figure"],
+                  title=f"{plan['model']} / {plan['calibration']} / {plan['target']}: cosine similarity, "
+                        "flattened groups outlined")
+
+    generations = [(variant_label(e), read_json(e["generations"])) for e in entries
+                   if e.get("generations") and Path(e["generations"]).is_file()]
+    with atomic_path(outputs["generations"]) as tmp:
+        Path(tmp).write_text(generations_markdown(generations))
+
+    write_json(outputs["record"], {
+        "rows": json.loads(table.to_json(orient="records")),
+        "columns": list(table.columns),
+        "entries": entries,
+        "inputs_sha256": {path: file_sha256(path) for e in entries for path in _entry_files(e)},
+        "provenance": provenance,
+    })
+    return table
+
+
+def _entry_files(entry: dict) -> list[str]:
+    files = [entry.get("model_json"), entry.get("compression_json"), entry.get("plan_json"), entry.get("speed"),
+             entry.get("generations"), *entry.get("perplexity", {}).values(), *entry.get("zero_shot", {}).values()]
+    return [f for f in files if f and Path(f).is_file()]

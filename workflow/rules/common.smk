@@ -22,6 +22,10 @@ wildcard_constraints:
     calib="[^/]+",
     target="[^/]+",
     method="[^/]+",
+    # an evaluated model: the dense one, or a compressed one by its {calib}/{target}/{method} path
+    variant="dense|[^/]+/[^/]+/[^/]+",
+    corpus="[^/]+",
+    task="[^/]+",
 
 
 def all_outputs():
@@ -31,7 +35,96 @@ def all_outputs():
         outputs += expand("results/{model}/{calib}/{target}/plan.json", **wc)
         outputs += expand("results/{model}/{calib}/{target}/{method}/model", method=config["methods"], **wc)
         outputs += expand("results/{model}/{calib}/similarity/{file}", file=SIMILARITY_FILES, **wc)
-    return outputs
+    return outputs + report_outputs()
+
+
+def compressed_variants():
+    """(model, "calib/target/method") of every compressed checkpoint this config asks for."""
+    return [(run["model"], f"{run['calibration']}/{run['target']}/{method}")
+            for run in runs(config) for method in config["methods"]]
+
+
+def evaluated_variants():
+    """Every evaluated model: the dense ones (if evaluation.dense) and every compressed one."""
+    dense = [(m, "dense") for m in dict.fromkeys(run["model"] for run in runs(config))]
+    return (dense if config["evaluation"]["dense"] else []) + compressed_variants()
+
+
+def evaluation_outputs(model, variant):
+    """Everything the report reads about one evaluated model."""
+    evaluation = config["evaluation"]
+    base = f"results/{model}/{variant}/eval"
+    files = [f"{base}/perplexity/{corpus}.json" for corpus in evaluation["perplexity"]["corpora"]]
+    files += [f"{base}/zero_shot/{task}.json" for task in evaluation["zero_shot"]["tasks"]]
+    files.append(f"{base}/generations.json")
+    if evaluation["speed"]["enabled"] and variant != "dense":
+        files.append(f"{base}/speed.json")
+    return files
+
+
+def report_plan_figures():
+    return [f"results/report/plans/{run['model']}.{run['calibration']}.{run['target']}.png" for run in runs(config)]
+
+
+def report_outputs():
+    outputs = ["results/report/results.csv", "results/report/results.md", "results/report/generations.md",
+               "results/report/report.json"]
+    outputs += [f"results/report/perplexity_{corpus}.png" for corpus in config["evaluation"]["perplexity"]["corpora"]]
+    if config["evaluation"]["zero_shot"]["tasks"]:
+        outputs.append("results/report/accuracy.png")
+    return outputs + report_plan_figures()
+
+
+def checkpoint_input(wildcards):
+    """The compressed checkpoint directory; nothing for the dense model (model.json names it)."""
+    if wildcards.variant == "dense":
+        return []
+    return [f"results/{wildcards.model}/{wildcards.variant}/model"]
+
+
+def eval_compute(wildcards):
+    """Device and dtype of evaluation (evaluation.dtype, else compute.dtype)."""
+    return {"device": config["compute"]["device"],
+            "dtype": config["evaluation"]["dtype"] or config["compute"]["dtype"]}
+
+
+def zero_shot_compute(wildcards):
+    compute = eval_compute(wildcards)
+    return {**compute, "dtype": config["evaluation"]["zero_shot"]["dtype"] or compute["dtype"]}
+
+
+def corpus_spec(wildcards):
+    return config["evaluation"]["perplexity"]["corpora"][wildcards.corpus]
+
+
+def corpus_source_files(wildcards):
+    spec = corpus_spec(wildcards)
+    return [spec["path"]] if spec["source"] == "local" else []
+
+
+def perplexity_params(wildcards):
+    options = config["evaluation"]["perplexity"]
+    return {key: options[key] for key in ("seq_len", "max_windows", "batch_size")}
+
+
+def zero_shot_params(wildcards):
+    options = config["evaluation"]["zero_shot"]
+    return {key: options[key] for key in ("data_dir", "limit", "num_fewshot", "batch_size")}
+
+
+def zero_shot_data_file(wildcards):
+    """The local JSONL of a task, so that replacing the file reruns its evaluations."""
+    from flattengpt.zero_shot import LOCAL_TASKS
+
+    data_dir = config["evaluation"]["zero_shot"]["data_dir"]
+    if data_dir is None or wildcards.task not in LOCAL_TASKS:
+        return []
+    return [str(Path(data_dir) / LOCAL_TASKS[wildcards.task][0])]
+
+
+def needs_gpu(wildcards):
+    """Ask the cluster for a GPU unless the config pins the CPU (locally gpu=1 is ignored)."""
+    return 0 if config["compute"]["device"] == "cpu" else 1
 
 
 def model_spec(wildcards):

@@ -1,0 +1,7 @@
+"""Rule `speed`: dense vs compressed prefill throughput and decode latency, back to back."""
+from flattengpt.runtime import job_provenance, start_job
+from flattengpt.stages import speed_stage
+
+start_job(snakemake)
+speed_stage(snakemake.input.model, snakemake.input.checkpoint, dict(snakemake.params.options),
+            dict(snakemake.params.compute), snakemake.output[0], job_provenance(snakemake))

@@ -45,3 +45,38 @@ def test_real_model_on_a_story():
 def test_too_short_text():
     with pytest.raises(ValueError, match="fewer than one window of seq_len=64"):
         eval_windows(torch.arange(10), 64)
+
+
+def test_stage_on_a_text_file_matches_direct_windows(tmp_path):
+    """The stage tokenizes the file once, cuts non-overlapping windows and records the counts."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from flattengpt.data import tokenize
+    from flattengpt.provenance import write_json
+    from flattengpt.stages import perplexity_stage
+
+    from .models_for_tests import make_model_with_tokenizer
+
+    model_dir = make_model_with_tokenizer(tmp_path / "model", "llama")
+    text = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(60))
+    (tmp_path / "text.txt").write_text(text)
+    write_json(tmp_path / "model.json", {"path": str(model_dir), "fingerprint": "test"})
+    options = {"seq_len": 32, "max_windows": None, "batch_size": 3}
+    record = perplexity_stage(tmp_path / "model.json", None, "text", {"source": "local", "path": str(tmp_path / "text.txt")},
+                              options, {"device": "cpu", "dtype": "float32"}, tmp_path / "ppl.json", {})
+    ids = tokenize(AutoTokenizer.from_pretrained(model_dir), text)
+    n_windows = ids.numel() // 32
+    assert record["n_tokens_in_corpus"] == ids.numel()
+    assert record["n_windows"] == n_windows and record["n_predicted_tokens"] == n_windows * 31
+    assert record["perplexity"] == pytest.approx(direct_perplexity(model_dir, eval_windows(ids, 32)), rel=1e-5)
+    assert json.loads((tmp_path / "ppl.json").read_text())["perplexity"] == record["perplexity"]
+
+    record = perplexity_stage(tmp_path / "model.json", None, "text", {"source": "local", "path": str(tmp_path / "text.txt")},
+                              {**options, "max_windows": 2}, {"device": "cpu", "dtype": "float32"}, tmp_path / "p2.json", {})
+    assert record["n_windows"] == 2
+
+    with pytest.raises(ValueError, match="evaluation.perplexity.seq_len"):
+        perplexity_stage(tmp_path / "model.json", None, "text", {"source": "local", "path": str(tmp_path / "text.txt")},
+                         {**options, "seq_len": 100_000}, {"device": "cpu", "dtype": "float32"}, tmp_path / "p3.json", {})

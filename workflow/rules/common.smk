@@ -104,7 +104,10 @@ def corpus_source_files(wildcards):
 
 def perplexity_params(wildcards):
     options = config["evaluation"]["perplexity"]
-    return {key: options[key] for key in ("seq_len", "max_windows", "batch_size")}
+    params = {key: options[key] for key in ("seq_len", "max_windows", "batch_size")}
+    if "max_windows" in corpus_spec(wildcards):  # a corpus may cap its own windows
+        params["max_windows"] = corpus_spec(wildcards)["max_windows"]
+    return params
 
 
 def zero_shot_params(wildcards):
@@ -167,3 +170,33 @@ def compute_params(wildcards):
     """Options that change computed numbers (not threads, which do not)."""
     compute = config["compute"]
     return {key: compute[key] for key in ("device", "dtype", "batch_size")}
+
+
+def report_entries():
+    """What the report reads about each evaluated model (paths relative to the working directory)."""
+    evaluation = config["evaluation"]
+    entries = []
+    for model, variant in evaluated_variants():
+        base = f"results/{model}/{variant}"
+        dense = variant == "dense"
+        calib, target, method = (None, None, "dense") if dense else variant.split("/")
+        entries.append({
+            "model": model, "calibration": calib, "target": target, "method": method,
+            "model_json": f"results/{model}/model.json",
+            "model_dir": None if dense else f"{base}/model",
+            "compression_json": None if dense else f"{base}/model/compression.json",
+            "plan_json": None if dense else f"results/{model}/{calib}/{target}/plan.json",
+            "perplexity": {c: f"{base}/eval/perplexity/{c}.json" for c in evaluation["perplexity"]["corpora"]},
+            "zero_shot": {t: f"{base}/eval/zero_shot/{t}.json" for t in evaluation["zero_shot"]["tasks"]},
+            "speed": f"{base}/eval/speed.json" if evaluation["speed"]["enabled"] and not dense else None,
+            "generations": f"{base}/eval/generations.json",
+        })
+    return entries
+
+
+def report_plans():
+    return [{"model": run["model"], "calibration": run["calibration"], "target": run["target"],
+             "cosine_csv": f"results/{run['model']}/{run['calibration']}/similarity/cosine.csv",
+             "plan_json": f"results/{run['model']}/{run['calibration']}/{run['target']}/plan.json",
+             "figure": f"results/report/plans/{run['model']}.{run['calibration']}.{run['target']}.png"}
+            for run in runs(config)]

@@ -3,8 +3,11 @@
 The local data (../shared/data/tasks/lm_eval_jsonl) is in the hub datasets' own layout, so the stock
 configs can read it with only the dataset swapped (`stock_task_config(task, file, split)`). For PIQA,
 ARC and WinoGrande the shipped task must render every row exactly as the stock task does. HellaSwag's
-local rows lack the ctx_a/ctx_b split the stock `process_docs` needs; its test rebuilds hub-layout rows
-and pins down the (documented) difference exactly.
+local rows lack the ctx_a/ctx_b split the stock `process_docs` needs; the shipped config rebuilds it
+and then runs the stock function. Its tests (see the docstring of
+test_hellaswag_renders_as_the_stock_task_on_rebuilt_hub_rows) check it against the stock task on
+rebuilt hub rows, count what the rebuild changes against the local rows, and count the rows whose
+split cannot be known offline.
 """
 
 import inspect
@@ -91,10 +94,23 @@ def test_shipped_config_is_the_stock_config_but_for_the_data(task):
     shipped = load_yaml(zero_shot.TASKS_DIR / f"{task}.yaml")
     stock = stock_task_config(task)
     differ = DATA_KEYS
-    if task == "hellaswag":  # the local rows already hold query/choices/gold; see test_hellaswag_*
-        differ = DATA_KEYS | {"process_docs", "doc_to_target"}
-        assert (shipped["doc_to_target"], stock["doc_to_target"]) == ("{{gold}}", "{{label}}")
-        assert "process_docs" not in shipped
+    if task == "hellaswag":  # a process_docs that rebuilds ctx_a/ctx_b, then calls the stock one
+        import lm_eval.tasks.hellaswag.utils
+        from flattengpt.lm_eval_tasks import stock_hellaswag
+
+        differ = DATA_KEYS | {"process_docs"}
+        wrapper, stock_fn = shipped["process_docs"], stock["process_docs"]
+        assert wrapper.__name__ == stock_fn.__name__ == "process_docs" and not _same(wrapper, stock_fn)
+        assert inspect.getsource(wrapper) == inspect.getsource(stock_hellaswag.process_docs)
+        assert "stock_process_docs(" in inspect.getsource(wrapper)
+        # the function the wrapper calls is lm-eval's own, from lm_eval/tasks/hellaswag/utils.py. (Not
+        # `is`: loading a stock YAML re-executes that file into a new module object, so identity with
+        # lm_eval.tasks.hellaswag.utils.process_docs depends on what was loaded first.)
+        utils = lm_eval.tasks.hellaswag.utils
+        for called in (stock_hellaswag.stock_process_docs, wrapper.__globals__["stock_process_docs"]):
+            assert called.__module__ == utils.__name__ == "lm_eval.tasks.hellaswag.utils"
+            assert called.__code__.co_filename == stock_fn.__code__.co_filename == utils.__file__
+            assert _same(called, stock_fn) and _same(called, utils.process_docs)
     keys = (set(shipped) | set(stock)) - differ
     assert {key for key in keys if not _same(shipped.get(key), stock.get(key))} == set()
     assert shipped["task"] == f"{task}_local" and shipped["metadata"]["stock_task"] == task
@@ -159,16 +175,23 @@ def test_local_task_builds_the_stock_requests(task):
 # ----------------------------------------------------------------------------- HellaSwag
 
 # WikiHow rows: their ctx is whole sentences (ends with "."), the hub's ctx_b is "".
-# ActivityNet rows: ctx = ctx_a + " " + ctx_b, ctx_b being the start of the next sentence.
-HELLASWAG_WIKIHOW_ROWS = 6799
-HELLASWAG_ACTIVITYNET_ROWS = 3243
+# ActivityNet rows: ctx = ctx_a + " " + ctx_b, ctx_b being the lower-case start of the next sentence.
+HELLASWAG_WIKIHOW_ROWS = 6799  # 19 WikiHow categories as activity_label
+HELLASWAG_ACTIVITYNET_ROWS = 3243  # 173 ActivityNet activities; no label is in both groups
 HELLASWAG_LOWER_CTX_B = 3236  # ActivityNet rows whose ctx_b starts lower-case: the stock capitalizes it
 HELLASWAG_QUERIES_PREPROCESSED = 2  # WikiHow queries still holding [..] text the stock preprocess drops
+HELLASWAG_PROMPTS_CHANGED = HELLASWAG_LOWER_CTX_B + HELLASWAG_QUERIES_PREPROCESSED  # 3238 of 10042
 HELLASWAG_CHOICES_PREPROCESSED = 12  # local endings the stock preprocess still changes (12 rows, 1 each)
+HELLASWAG_WIKIHOW_INNER_DOT = 7  # WikiHow ctx, lower-case word after an inner ". " ("a.m. to", "u.s. citizens")
+HELLASWAG_ODD_CTX_B = 7  # ActivityNet ctx_b starting with a digit or a quote ('2 a guy', '" knife sharpening')
+HELLASWAG_MAY_DIFFER_FROM_HUB = 6  # of those 7, the ones with a lower-case letter further on
 
 
 def hub_layout(row: dict) -> dict:
-    """A hub (Rowan/hellaswag) row rebuilt from a local row: ctx split into ctx_a and ctx_b."""
+    """A hub (Rowan/hellaswag) row rebuilt from a local row: ctx split into ctx_a and ctx_b.
+
+    Written independently of stock_hellaswag.split_context (the same rule), which it is checked against.
+    """
     ctx = row["ctx"]
     if ctx.endswith("."):
         ctx_a, ctx_b = ctx, ""
@@ -193,70 +216,136 @@ def hellaswag(tmp_path_factory):
     hub_file = tmp_path_factory.mktemp("hellaswag") / "hellaswag_hub_layout.jsonl"
     hub_file.write_text("".join(json.dumps(row) + "\n" for row in hub_rows))
     stock = ConfigurableTask(config=stock_task_config("hellaswag", hub_file, split))
-    return rows, hub_rows, build_task("hellaswag", DATA_DIR), stock
+    shipped = build_task("hellaswag", DATA_DIR)
+    rendered = [(shipped.doc_to_text(doc), shipped.doc_to_choice(doc), shipped.doc_to_target(doc))
+                for doc in shipped.eval_docs]
+    return rows, hub_rows, shipped, stock, rendered
 
 
 @pytest.mark.shared
-def test_hellaswag_local_rows(hellaswag):
-    rows, hub_rows, shipped, _ = hellaswag
+def test_hellaswag_renders_as_the_stock_task_on_rebuilt_hub_rows(hellaswag):
+    """HellaSwag: the shipped task is the stock task on hub rows rebuilt from the local rows.
+
+    The local file (hellaswag_validation.jsonl, 10042 rows) holds `ctx` = ctx_a + " " + ctx_b joined,
+    a ready-made `query` = activity_label + ": " + ctx, `choices` and `gold`, but not the hub's
+    ctx_a/ctx_b, and the stock prompt is `preprocess(activity_label + ": " + ctx_a + " " +
+    ctx_b.capitalize())`. The shipped `process_docs` (stock_hellaswag.py) rebuilds ctx_a/ctx_b
+    (`split_context`: a ctx ending with "." is WikiHow, ctx_b = ""; any other is ActivityNet, split
+    after its last ". ") and then calls lm-eval's own stock `process_docs`. So, on every row:
+
+    1. Shipped prompt, choices and target are the stock task's on the rebuilt hub rows (this test),
+       and the target is the local `gold`.
+    2. Relative to scoring the local rows as they are (the earlier shipped config, `{{query}}` and
+       `{{gold}}`), the prompt changes on 3238 of 10042 rows: 3236 ActivityNet rows whose ctx_b is
+       capitalised ("... on a roof. he" -> "... on a roof. He") and 2 WikiHow rows whose leftover
+       [..] text the stock clean-up drops; the endings change on 12 rows (1 ending each, [..] text
+       or a double space). See test_hellaswag_differs_from_the_local_rows_as_they_are.
+    3. What cannot be checked offline is whether the rebuilt split is the hub's. It matters only
+       where the split is ambiguous AND capitalize() would then change something. 7 WikiHow rows
+       have a lower-case word after an inner ". " ("10 a.m. to 10 p.m.", "u.s. citizens"); the
+       rule keeps them whole (ctx_b = ""), as the hub does for WikiHow (their activity_label is a
+       WikiHow category; no label is shared between the two groups), so they render as the local
+       query. 7 ActivityNet rows have a ctx_b starting with a digit or a quote ('2 a guy',
+       '" knife sharpening', '50'); capitalize() leaves them as they are, but were the hub's ctx_b
+       to start at the first word instead, the stock would capitalise it: that could happen on 6
+       of them ('50' has no letter). So at most 6 of 10042 prompts (0.06%) may differ from the
+       stock prompt on the real hub rows, by one capital letter each.
+       See test_hellaswag_split_and_its_ambiguous_rows.
+    This assumes the local text is the hub's: ctx = ctx_a + " " + ctx_b and the endings verbatim,
+    with the WikiHow markup ([header], [title], [step]) already cleaned, the stock clean-up then
+    running on cleaned text (it changes only the 2 prompts and 12 endings above).
+    """
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    rows, _, shipped, stock, rendered = hellaswag
+    assert stock.config.process_docs.__name__ == process_docs.__name__
+    assert inspect.getsource(stock.config.process_docs) == inspect.getsource(process_docs)
+    assert shipped.OUTPUT_TYPE == stock.OUTPUT_TYPE == "multiple_choice"
+    assert list(shipped._metric_fn_list) == list(stock._metric_fn_list) == ["acc", "acc_norm"]
+    assert shipped.config.target_delimiter == stock.config.target_delimiter == " "
+    theirs = list(stock.eval_docs)
+    assert len(rendered) == len(theirs) == len(rows) == ITEM_COUNTS["hellaswag"]
+    for i, (row, (text, choices, target), doc) in enumerate(zip(rows, rendered, theirs)):
+        assert text == stock.doc_to_text(doc), i
+        assert choices == stock.doc_to_choice(doc), i
+        assert target == stock.doc_to_target(doc), i
+        assert target == row["gold"] and len(choices) == 4, i
+
+
+@pytest.mark.shared
+def test_hellaswag_split_and_its_ambiguous_rows(hellaswag):
+    from flattengpt.lm_eval_tasks import stock_hellaswag
+
+    rows, hub_rows, _, _, rendered = hellaswag
     assert len(rows) == ITEM_COUNTS["hellaswag"]
     assert all(row["query"] == f"{row['activity_label']}: {row['ctx']}" for row in rows)
     assert all(len(row["choices"]) == 4 and row["gold"] in range(4) for row in rows)
-    wikihow = [hub for hub in hub_rows if not hub["ctx_b"]]
-    activitynet = [hub for hub in hub_rows if hub["ctx_b"]]
+    # the shipped split is the test's own
+    assert all(stock_hellaswag.split_context(row["ctx"]) == (hub["ctx_a"], hub["ctx_b"])
+               for row, hub in zip(rows, hub_rows))
+    wikihow = [i for i, hub in enumerate(hub_rows) if not hub["ctx_b"]]
+    activitynet = [i for i, hub in enumerate(hub_rows) if hub["ctx_b"]]
     assert (len(wikihow), len(activitynet)) == (HELLASWAG_WIKIHOW_ROWS, HELLASWAG_ACTIVITYNET_ROWS)
-    assert sum(hub["ctx_b"][0].islower() for hub in activitynet) == HELLASWAG_LOWER_CTX_B
-    # The other 7 ActivityNet ctx_b start with a digit or a quote ('2 a guy', '" knife sharpening'),
-    # where capitalize() changes nothing (were the hub's ctx_b of those the words after the digit,
-    # the stock would differ on up to 7 more rows). No ctx_b has an upper-case letter that
-    # capitalize() would lower.
-    assert all(not hub["ctx_b"][0].isalpha() for hub in activitynet if not hub["ctx_b"][0].islower())
-    assert all(hub["ctx_b"] == hub["ctx_b"].lower() for hub in activitynet)
-    # Splitting every ctx at its last ". " instead would also find 3243 lower-case tails, but 7 of
-    # them are inside WikiHow sentences ("... from 10 a.m. to 10 p.m., but ..."), not a ctx_b.
-    tails = [hub["ctx"][hub["ctx"].rindex(". ") + 2:] for hub in hub_rows]
-    assert sum(tail[:1].islower() for tail in tails) == 3243
-    assert sum(tail[:1].islower() for tail, hub in zip(tails, hub_rows) if not hub["ctx_b"]) == 7
-    assert len(list(shipped.eval_docs)) == len(rows)
+    # the "." rule and the source agree: WikiHow categories and ActivityNet activities never mix
+    wikihow_labels = {rows[i]["activity_label"] for i in wikihow}
+    activitynet_labels = {rows[i]["activity_label"] for i in activitynet}
+    assert (len(wikihow_labels), len(activitynet_labels)) == (19, 173)
+    assert wikihow_labels.isdisjoint(activitynet_labels) and "Personal Care and Style" in wikihow_labels
+    assert all(". " in rows[i]["ctx"] for i in activitynet)  # every ActivityNet ctx_a is non-empty
+    ctx_b = [hub_rows[i]["ctx_b"] for i in activitynet]
+    assert all("." not in b for b in ctx_b)  # no ctx_b holds a sentence end
+    assert all(b == b.lower() for b in ctx_b)  # capitalize() lowers nothing
+    assert sum(b[0].islower() for b in ctx_b) == HELLASWAG_LOWER_CTX_B
+
+    # Ambiguous 1: WikiHow ctx with a lower-case word after an inner ". " (abbreviations). Split
+    # there, the stock would capitalise that word; the rule keeps them whole, as the hub's WikiHow
+    # rows are (ctx_b ""), so they render as the local query.
+    inner = [i for i in wikihow if ". " in rows[i]["ctx"] and rows[i]["ctx"].rpartition(". ")[2][:1].islower()]
+    assert len(inner) == HELLASWAG_WIKIHOW_INNER_DOT
+    assert any("10 a.m. to 10 p.m." in rows[i]["ctx"] for i in inner)
+    assert all(hub_rows[i]["ctx_b"] == "" and rendered[i][0] == rows[i]["query"] for i in inner)
+
+    # Ambiguous 2: ActivityNet ctx_b starting with a digit or a quote. capitalize() keeps them (they
+    # render as the local query); a hub ctx_b starting at the first word would be capitalised, which
+    # can matter only where a lower-case letter follows.
+    odd = [i for i in activitynet if not hub_rows[i]["ctx_b"][0].isalpha()]
+    assert len(odd) == HELLASWAG_ODD_CTX_B == HELLASWAG_ACTIVITYNET_ROWS - HELLASWAG_LOWER_CTX_B
+    assert {hub_rows[i]["ctx_b"][0] for i in odd} <= set('0123456789"')
+    assert all(rendered[i][0] == rows[i]["query"] for i in odd)
+    may_differ = [i for i in odd if any(c.isalpha() for c in hub_rows[i]["ctx_b"])]
+    assert len(may_differ) == HELLASWAG_MAY_DIFFER_FROM_HUB
+    assert sorted(hub_rows[i]["ctx_b"] for i in odd if i not in may_differ) == ["50"]
 
 
 @pytest.mark.shared
-def test_hellaswag_differs_from_stock_only_by_capitalization(hellaswag):
-    from lm_eval.tasks.hellaswag.utils import preprocess, process_docs
+def test_hellaswag_differs_from_the_local_rows_as_they_are(hellaswag):
+    """What the rebuild changes against scoring `query`/`choices` as stored (3238 prompts, 12 endings)."""
+    from lm_eval.tasks.hellaswag.utils import preprocess
 
-    rows, hub_rows, shipped, stock = hellaswag
-    assert stock.config.process_docs.__name__ == process_docs.__name__
-    assert inspect.getsource(stock.config.process_docs) == inspect.getsource(process_docs)
-    assert list(shipped._metric_fn_list) == list(stock._metric_fn_list) == ["acc", "acc_norm"]
-
-    ours, theirs = list(shipped.eval_docs), list(stock.eval_docs)
-    assert len(ours) == len(theirs) == len(rows)
-    text_differs = capitalized = preprocessed = choices_changed = 0
-    for row, hub, a, b in zip(rows, hub_rows, ours, theirs):
-        text, stock_text = shipped.doc_to_text(a), stock.doc_to_text(b)
-        # the shipped query with the stock's capitalization of ctx_b's first letter put back ...
-        fixed = text
+    rows, hub_rows, _, _, rendered = hellaswag
+    text_differs = capitalized = preprocessed = choice_rows = choices_changed = 0
+    for i, (row, hub, (text, choices, _)) in enumerate(zip(rows, hub_rows, rendered)):
+        query = row["query"]
+        # the local query with ctx_b's first letter capitalised ...
+        fixed = query
         if hub["ctx_b"]:
             at = len(hub["activity_label"]) + 2 + len(hub["ctx_a"]) + 1
-            assert text[at:] == hub["ctx_b"]
-            fixed = text[:at] + text[at].upper() + text[at + 1:]
-        # ... is the stock query, up to the stock preprocess's removal of leftover [..] text
-        assert preprocess(fixed) == stock_text
-        text_differs += text != stock_text
-        capitalized += fixed != text
+            assert query[at:] == hub["ctx_b"], i
+            fixed = query[:at] + query[at].upper() + query[at + 1:]
+        # ... is the shipped prompt, up to the stock preprocess's removal of leftover [..] text
+        assert text == preprocess(fixed), i
+        assert text.lower() == query.lower() or preprocess(fixed) != fixed, i
+        text_differs += text != query
+        capitalized += fixed != query
         preprocessed += preprocess(fixed) != fixed
-        if fixed != text:
-            assert stock_text == fixed and stock_text.lower() == text.lower()
-
-        choices, stock_choices = shipped.doc_to_choice(a), stock.doc_to_choice(b)
-        assert stock_choices == [preprocess(choice) for choice in choices]
-        choices_changed += sum(x != y for x, y in zip(choices, stock_choices))
-        assert shipped.doc_to_target(a) == stock.doc_to_target(b) == row["gold"]
+        assert choices == [preprocess(choice) for choice in row["choices"]], i
+        choice_rows += choices != row["choices"]
+        choices_changed += sum(x != y for x, y in zip(choices, row["choices"]))
 
     assert capitalized == HELLASWAG_LOWER_CTX_B
     assert preprocessed == HELLASWAG_QUERIES_PREPROCESSED
-    assert text_differs == HELLASWAG_LOWER_CTX_B + HELLASWAG_QUERIES_PREPROCESSED  # 3238 of 10042
-    assert choices_changed == HELLASWAG_CHOICES_PREPROCESSED
+    assert text_differs == HELLASWAG_PROMPTS_CHANGED == 3238
+    assert choice_rows == choices_changed == HELLASWAG_CHOICES_PREPROCESSED
 
 
 # ----------------------------------------------------------------------------- end to end on a real model

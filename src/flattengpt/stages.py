@@ -168,11 +168,13 @@ def perplexity_stage(model_json: str | Path, model_dir: str | Path | None, corpu
     ids = tokenize(tokenizer, text)
     windows = eval_windows(ids, seq_len, options.get("max_windows"))
     log.info("perplexity on %s: %d tokens -> %d windows of %d", corpus, ids.numel(), windows.shape[0], seq_len)
-    result = perplexity(path, windows, device=compute["device"], dtype=compute["dtype"],
-                        batch_size=options["batch_size"])
+    from .blockwise import resolve_device
+
+    device = str(resolve_device(compute["device"]))
+    result = perplexity(path, windows, device=device, dtype=compute["dtype"], batch_size=options["batch_size"])
     record = {"corpus": corpus, **result, "n_tokens_in_corpus": int(ids.numel()),
               "max_windows": options.get("max_windows"), "text": text_info, "tokenizer": tokenizer_info(tokenizer),
-              "device": compute["device"], "dtype": compute["dtype"], "model_dir": path,
+              "device": device, "dtype": compute["dtype"], "model_dir": path,
               "provenance": {**provenance, "inputs": inputs}}
     log.info("perplexity %s = %.3f (%d windows, %d predicted tokens)", corpus, result["perplexity"],
              result["n_windows"], result["n_predicted_tokens"])
@@ -215,13 +217,15 @@ def speed_stage(model_json: str | Path, model_dir: str | Path, options: dict, co
 def generation_stage(model_json: str | Path, model_dir: str | Path | None, options: dict, compute: dict,
                      out_json: str | Path, provenance: dict) -> dict:
     """Greedy completions of fixed prompts, to eyeball what compression did to the model's text."""
+    from .blockwise import resolve_device
     from .speed import sample_generations
 
     path, inputs = _evaluated(model_json, model_dir)
+    device = str(resolve_device(compute["device"]))
     outputs = sample_generations(path, list(options["prompts"]), max_new_tokens=options["max_new_tokens"],
-                                 device=compute["device"], dtype=compute["dtype"])
+                                 device=device, dtype=compute["dtype"])
     record = {"outputs": outputs, "max_new_tokens": options["max_new_tokens"], "greedy": True,
-              "device": compute["device"], "dtype": compute["dtype"], "model_dir": path,
+              "device": device, "dtype": compute["dtype"], "model_dir": path,
               "provenance": {**provenance, "inputs": inputs}}
     write_json(out_json, record)
     return record

@@ -426,3 +426,36 @@ def test_winogrande_end_to_end(one_thread):
     record = zero_shot.evaluate_task(STORIES, "winogrande", data_dir=DATA_DIR, limit=8, batch_size=8)
     _check_record(record, "winogrande", "acc")
     assert "acc_norm" not in record["metrics"]
+
+
+@pytest.mark.shared
+@needs_shared
+def test_resume_cache_reuses_scored_requests(one_thread, tmp_path):
+    """A run that stopped after some items resumes from lm-eval's request cache with the same result."""
+    pytest.importorskip("lm_eval")
+    cache = tmp_path / "resume" / "arc_easy"
+    cache.parent.mkdir()
+    zero_shot.evaluate_task(STORIES, "arc_easy", data_dir=DATA_DIR, limit=4, batch_size=8, resume_cache=cache)
+    db = tmp_path / "resume" / "arc_easy_rank0.db"
+    assert db.is_file(), "the first four items' requests are on disk"
+    resumed = zero_shot.evaluate_task(STORIES, "arc_easy", data_dir=DATA_DIR, limit=8, batch_size=8,
+                                      resume_cache=cache)
+    fresh = zero_shot.evaluate_task(STORIES, "arc_easy", data_dir=DATA_DIR, limit=8, batch_size=8)
+    assert resumed["metrics"] == fresh["metrics"]
+
+
+@pytest.mark.shared
+@needs_shared
+def test_stage_removes_its_resume_cache(one_thread, tmp_path):
+    from flattengpt.provenance import read_json, write_json
+    from flattengpt.stages import zero_shot_stage
+
+    write_json(tmp_path / "model.json", {"path": str(STORIES), "fingerprint": "stories"})
+    out = tmp_path / "dense" / "eval" / "zero_shot" / "winogrande.json"
+    options = {"data_dir": str(DATA_DIR), "limit": 4, "num_fewshot": 0, "batch_size": 8}
+    zero_shot_stage(tmp_path / "model.json", None, "winogrande", options, {"device": "cpu", "dtype": "float32"},
+                    out, {"rule": "zero_shot"})
+    record = read_json(out)
+    assert record["metric"] == "acc" and record["provenance"]["inputs"]["data_file_sha256"]
+    assert not list((tmp_path / "dense" / "eval" / ".resume").glob("zero_shot.winogrande.*")), \
+        "a finished task leaves no resume state behind"

@@ -188,10 +188,21 @@ def zero_shot_stage(model_json: str | Path, model_dir: str | Path | None, task: 
     from .blockwise import resolve_device
     from .zero_shot import evaluate_task
 
+    from .provenance import json_sha256
+
     path, inputs = _evaluated(model_json, model_dir)
+    # Scored requests are kept as they come, outside the declared output (which Snakemake deletes
+    # before a rerun), under a name that changes with the model, the task and every option.
+    resume_dir = Path(out_json).parent.parent / ".resume"
+    key = json_sha256({"inputs": inputs, "task": task, "options": options, "dtype": compute["dtype"]})[:16]
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    cache = resume_dir / f"zero_shot.{task}.{key}"
     record = evaluate_task(path, task, data_dir=options.get("data_dir"), limit=options.get("limit"),
                            num_fewshot=options["num_fewshot"], batch_size=options["batch_size"],
-                           device=str(resolve_device(compute["device"])), dtype=compute["dtype"])
+                           device=str(resolve_device(compute["device"])), dtype=compute["dtype"],
+                           resume_cache=cache)
+    for stale in resume_dir.glob(f"zero_shot.{task}.*"):
+        stale.unlink()
     if record["data_file"]:
         inputs["data_file_sha256"] = file_sha256(record["data_file"])
     record.update(model_dir=path, provenance={**provenance, "inputs": inputs})

@@ -101,8 +101,14 @@ def headline_metric(metrics: dict) -> str:
 
 def evaluate_task(model_dir: str | Path, task: str, *, data_dir: str | Path | None = None,
                   limit: int | float | None = None, num_fewshot: int = 0, batch_size: int | str = 16,
-                  device: str = "cpu", dtype: str = "float32", seed: int = 1234) -> dict:
-    """Zero-shot score of the checkpoint in `model_dir` on one task, as a JSON-able record."""
+                  device: str = "cpu", dtype: str = "float32", seed: int = 1234,
+                  resume_cache: str | Path | None = None) -> dict:
+    """Zero-shot score of the checkpoint in `model_dir` on one task, as a JSON-able record.
+
+    `resume_cache` (a path prefix) keeps every scored request in lm-eval's SQLite request cache as
+    it is computed, so a killed run resumes where it stopped. The caller must make the prefix unique
+    to the model, dtype and task: lm-eval keys the cache by request text alone.
+    """
     version = lm_eval_version()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -116,7 +122,8 @@ def evaluate_task(model_dir: str | Path, task: str, *, data_dir: str | Path | No
     results = simple_evaluate(model=lm, tasks=[task_obj], task_manager=task_manager,
                               num_fewshot=num_fewshot, limit=limit,
                               log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                              torch_random_seed=seed, fewshot_random_seed=seed)
+                              torch_random_seed=seed, fewshot_random_seed=seed,
+                              use_cache=None if resume_cache is None else str(resume_cache))
     (name, raw), = results["results"].items()
     metrics = {key.replace(",none", ""): value for key, value in raw.items()
                if key.endswith(",none") and isinstance(value, (int, float))}

@@ -142,7 +142,11 @@ def test_workflow_on_stories260k_and_incremental_reruns(tmp_path):
     assert record["metric"] == "acc_norm" and record["n_samples"]["effective"] == 4
     assert record["lm_eval_version"] == "0.4.13" and record["source"] == "local"
 
-    result = snakemake(tmp_path, "--report", "report.html")
+    # as a user types it, without --cores
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--report", "report.html"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
     html = (tmp_path / "report.html").read_text(errors="replace")
     assert len(html) > 10_000 and "results.csv" in html
 

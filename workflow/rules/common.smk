@@ -1,6 +1,8 @@
 # Config checks, path layout and parameter lookups shared by every rule.
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+
 from flattengpt.config import runs
 
 
@@ -123,6 +125,14 @@ def zero_shot_data_file(wildcards):
     if data_dir is None or wildcards.task not in LOCAL_TASKS:
         return []
     return [str(Path(data_dir) / LOCAL_TASKS[wildcards.task][0])]
+
+
+def all_cores():
+    """--cores, or 1 where a command defines none (e.g. `snakemake --report`)."""
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return 1
 
 
 def needs_gpu(wildcards):

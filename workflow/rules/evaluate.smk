@@ -64,7 +64,7 @@ rule speed:
         options=config["evaluation"]["speed"],
         compute=eval_compute,
     # Timings need the machine to themselves: ask for all cores, so no other job runs beside it.
-    threads: workflow.cores
+    threads: all_cores()
     resources:
         gpu=needs_gpu,
         runtime=60,

@@ -32,6 +32,16 @@ def test_schema_fills_defaults():
     assert config["activations"]["max_tokens"] is None and config["similarity"]["cka_max_tokens"] == 2048
 
 
+def test_hub_texts_keep_their_own_fields():
+    """ptb's records have `sentence`, not `text`: the file default must not reach hub datasets."""
+    config = minimal_config()
+    config["calibration"] = {"ptb": {"source": "hub", "name": "ptb"},
+                             "file": {"source": "local", "path": str(REPO / "config.yaml")}}
+    validate_config(config, SCHEMA)
+    assert "fields" not in config["calibration"]["ptb"]
+    assert config["calibration"]["file"]["fields"] == ["text"]
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"models": {"m": {"source": "ftp"}}}, "models.m.source: 'ftp' is not one of ['embedded', 'local', 'hub']"),
     ({"targets": {"t": {"ratio": 1.5}}}, "targets.t.ratio: 1.5 is greater than or equal to the maximum of 1"),

@@ -26,13 +26,20 @@ class ConfigError(ValueError):
 
 
 def _with_defaults(validator_class):
-    """A validator that fills in `default:` values while it validates (the jsonschema FAQ recipe)."""
+    """A validator that fills in `default:` values while it validates (the jsonschema FAQ recipe).
+
+    `x-no-default-when: {key: value}` next to a default skips it for objects with that key and value.
+    """
     validate_properties = validator_class.VALIDATORS["properties"]
+
+    def applies(subschema: dict, instance: dict) -> bool:
+        unless = subschema.get("x-no-default-when", {})
+        return "default" in subschema and not (unless and all(instance.get(k) == v for k, v in unless.items()))
 
     def set_defaults(validator, properties, instance, schema):
         if isinstance(instance, dict):
             for name, subschema in properties.items():
-                if "default" in subschema and name not in instance:
+                if applies(subschema, instance) and name not in instance:
                     instance[name] = json.loads(json.dumps(subschema["default"]))
         yield from validate_properties(validator, properties, instance, schema)
 

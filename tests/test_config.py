@@ -1,5 +1,7 @@
 """Config validation: the schema fills defaults, the semantic checks name the field and the fix."""
 
+import importlib.util
+
 import pytest
 import yaml
 
@@ -30,6 +32,20 @@ def test_schema_fills_defaults():
                                           "split": "train", "n_samples": 32, "seq_len": 256, "seed": 0}
     assert config["targets"]["t"]["max_group_size"] is None and config["targets"]["t"]["protect_first"] is False
     assert config["activations"]["max_tokens"] is None and config["similarity"]["cka_max_tokens"] == 2048
+
+
+def test_zero_shot_limit_per_task():
+    config = minimal_config()
+    config["evaluation"] = {"zero_shot": {"tasks": ["piqa"], "limit": {"piqa": 100}}}
+    if importlib.util.find_spec("lm_eval") is not None:  # tasks need lm-eval installed
+        assert validate_config(config, SCHEMA)["evaluation"]["zero_shot"]["limit"] == {"piqa": 100}
+    config = minimal_config()
+    config["evaluation"] = {"zero_shot": {"tasks": ["piqa"], "limit": {"hellaswag": 100}}}
+    with pytest.raises(ConfigError, match=r"evaluation.zero_shot.limit: \['hellaswag'\] not in"):
+        validate_config(config, SCHEMA)
+    config["evaluation"] = {"zero_shot": {"tasks": ["piqa"], "limit": {"piqa": -1}}}
+    with pytest.raises(ConfigError, match=r"evaluation.zero_shot.limit"):
+        validate_config(config, SCHEMA)
 
 
 def test_hub_texts_keep_their_own_fields():

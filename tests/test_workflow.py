@@ -170,6 +170,9 @@ def test_workflow_on_stories260k_and_incremental_reruns(tmp_path):
     config["evaluation"]["zero_shot"]["limit"] = 3
     write_config(tmp_path, config)
     assert planned_jobs(tmp_path) == {"zero_shot": 6, "report": 1, "all": 1}, "a changed limit reruns only zero-shot"
+    config["evaluation"]["zero_shot"]["limit"] = {"arc_easy": 4, "winogrande": 3}
+    write_config(tmp_path, config)
+    assert planned_jobs(tmp_path) == {"zero_shot": 3, "report": 1, "all": 1}, "a per-task limit reruns only that task"
 
     config = stories_config(n_samples=5)
     write_config(tmp_path, config)

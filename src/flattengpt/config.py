@@ -205,6 +205,10 @@ def _check_evaluation(config: dict, errors: list[str]) -> None:
     if tasks and importlib.util.find_spec("lm_eval") is None:
         errors.append("evaluation.zero_shot.tasks: zero-shot evaluation needs lm-eval; "
                       "pip install lm-eval==0.4.13 (or empty the task list)")
+    limit = zero_shot.get("limit")
+    if isinstance(limit, dict) and set(limit) - set(tasks):
+        errors.append(f"evaluation.zero_shot.limit: {sorted(set(limit) - set(tasks))} not in "
+                      f"evaluation.zero_shot.tasks {tasks}; limit only tasks that are listed there")
     data_dir = zero_shot.get("data_dir")
     if tasks and data_dir is not None:
         from .zero_shot import LOCAL_TASKS

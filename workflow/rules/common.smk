@@ -114,7 +114,10 @@ def perplexity_params(wildcards):
 
 def zero_shot_params(wildcards):
     options = config["evaluation"]["zero_shot"]
-    return {key: options[key] for key in ("data_dir", "limit", "num_fewshot", "batch_size")}
+    params = {key: options[key] for key in ("data_dir", "limit", "num_fewshot", "batch_size")}
+    if isinstance(params["limit"], dict):  # a per-task limit: only this task's value reaches its job
+        params["limit"] = params["limit"].get(wildcards.task)
+    return params
 
 
 def zero_shot_data_file(wildcards):

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from flattengpt import speed
 from flattengpt.speed import kv_cache_bytes_per_token, measure_speed, sample_generations
 
 from .models_for_tests import STORIES, make_model, tiny_config
@@ -45,6 +46,7 @@ def test_measure_speed_record(speed_result):
     assert settings["device"] == "cpu" and settings["dtype"] == "float32"
     assert {k: settings[k] for k in SMALL} == SMALL
     assert settings["batch_size"] == 1 and settings["torch_threads"] >= 1 and settings["torch_version"]
+    assert settings["schedule"] == "interleaved"
     assert set(speed_result["models"]) == {"dense", "compressed"}
     for record in speed_result["models"].values():
         assert set(record) >= RECORD_FIELDS
@@ -75,6 +77,48 @@ def test_no_ratios_without_dense(tmp_path):
     assert len(result["models"]["only"]["decode_ms_per_token_runs"]) == 1
 
 
+def test_rounds_rotate_the_model_order():
+    assert list(speed._rotations(["a", "b", "c"], 4)) == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
+                                                          ["a", "b", "c"]]
+    assert list(speed._rotations(["a"], 2)) == [["a"], ["a"]]
+    assert list(speed._rotations(["a", "b"], 0)) == []
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_schedule_of_timed_runs(tmp_path, monkeypatch, interleave):
+    """Interleaved: both models loaded, runs alternate with the order rotated; sequential: one model at a time."""
+    dense, small = make_model(tmp_path / "dense", "llama"), make_model(tmp_path / "small", "llama", num_layers=2)
+    loaded, calls, real_load = [], [], speed._load
+
+    def load(model_dir, device, dtype):
+        model = real_load(model_dir, device, dtype)
+        loaded.append(model_dir)
+        return model
+
+    def prefill(model, input_ids, now):
+        calls.append(("prefill", model.config.num_hidden_layers, len(loaded)))
+        return 0.5
+
+    monkeypatch.setattr(speed, "_load", load)
+    monkeypatch.setattr(speed, "_prefill_seconds", prefill)
+    result = measure_speed({"dense": dense, "compressed": small}, prompt_len=8, decode_tokens=2, warmup=1,
+                           repeats=2, interleave=interleave)
+    assert result["settings"]["schedule"] == ("interleaved" if interleave else "sequential")
+    # a discarded footprint pass of the first model (CPU), one per model (one prefill each), then timing
+    footprint, timing = calls[:3], calls[3:]
+    assert [c[1] for c in footprint] == [4, 4, 2]
+    order = [c[1] for c in timing]
+    if interleave:
+        assert order == [4, 2, 4, 2, 2, 4]  # warm-up round, then two timed rounds in rotated order
+        assert {c[2] for c in timing} == {5}  # both models were loaded before any timed run
+    else:
+        assert order == [4, 4, 4, 2, 2, 2]
+        assert [c[2] for c in timing] == [4, 4, 4, 5, 5, 5]
+    for record in result["models"].values():
+        assert record["prefill_tokens_per_s_runs"] == [8 / 0.5, 8 / 0.5]
+        assert len(record["decode_ms_per_token_runs"]) == 2
+
+
 @pytest.mark.parametrize("kwargs, argument", [
     (dict(prompt_len=250, decode_tokens=10), "max_position_embeddings"),  # tiny models allow 256 positions
     (dict(repeats=0), "repeats"),
@@ -83,6 +127,7 @@ def test_no_ratios_without_dense(tmp_path):
     (dict(batch_size=0), "batch_size"),
     (dict(warmup=-1), "warmup"),
     (dict(dtype="float8"), "dtype"),
+    (dict(interleave="yes"), "interleave"),
 ])
 def test_bad_arguments_fail_before_loading(tmp_path, monkeypatch, kwargs, argument):
     from transformers import AutoModelForCausalLM

@@ -3,8 +3,8 @@
 Depth compression removes whole decoder layers, so its promise is a wall-clock speedup close to
 L / (L - k) in both prefill (many tokens per forward) and decode (one token per forward with a KV
 cache, which also shrinks by the same factor). This module measures what a checkpoint actually
-delivers: each model is loaded, timed and freed in turn within one process, so the ratios between
-models compare like with like (same threads, same clocks, same random prompt).
+delivers: all models are timed in one process in interleaved rounds, so the ratios between models
+compare like with like (same threads, same clocks, same random prompt, same moment).
 
 Prefill keeps only the last position's logits (`logits_to_keep=1`), as generation does: the
 vocabulary projection over every prompt position is work a serving stack never does and depth
@@ -158,59 +158,117 @@ def _validate(model_dirs: dict, *, batch_size: int, prompt_len: int, decode_toke
     return configs
 
 
-def _measure_one(model_dir: str | Path, config, *, device: torch.device, dtype: torch.dtype, batch_size: int,
-                 prompt_len: int, decode_tokens: int, warmup: int, repeats: int, seed: int) -> dict:
+def _load(model_dir: str | Path, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def _prompt(config, batch_size: int, prompt_len: int, seed: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (batch_size, prompt_len), generator=generator).to(device)
+
+
+def _footprint(model_dir: str | Path, config, *, device: torch.device, dtype: torch.dtype, batch_size: int,
+               prompt_len: int, decode_tokens: int, seed: int) -> dict:
+    """Size and peak memory of one model alone: load it, run one prefill and one decode, free it.
+
+    Measured in a pass of its own, before any timing, so that the figure covers this model only
+    (the timed rounds may hold several models at once) and no sampler thread runs while timing.
+    """
     cuda = device.type == "cuda"
     if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
     sampler = None if cuda else _RssSampler()
     with sampler or contextlib.nullcontext():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-        model = model.to(device).eval()
-        generator = torch.Generator().manual_seed(seed)
-        input_ids = torch.randint(0, config.vocab_size, (batch_size, prompt_len), generator=generator).to(device)
+        model = _load(model_dir, device, dtype)
+        input_ids = _prompt(config, batch_size, prompt_len, seed, device)
         now = _clock(device)
-        prefill = _timed_runs(lambda: _prefill_seconds(model, input_ids, now), warmup, repeats)
-        decode = _timed_runs(lambda: _decode_seconds(model, input_ids, decode_tokens, now), warmup, repeats)
-        record = {
-            "model_dir": str(model_dir),
-            "num_layers": int(model.config.num_hidden_layers),
-            "parameters": sum(p.numel() for p in model.parameters()),
-        }
+        _prefill_seconds(model, input_ids, now)
+        _decode_seconds(model, input_ids, decode_tokens, now)
+        record = {"model_dir": str(model_dir), "num_layers": int(model.config.num_hidden_layers),
+                  "parameters": sum(p.numel() for p in model.parameters())}
         del model
     gc.collect()
     if cuda:
-        peak, method = torch.cuda.max_memory_allocated(device) / MIB, "cuda_max_allocated"
+        peak, method = (torch.cuda.max_memory_allocated(device) - baseline) / MIB, "cuda_max_allocated"
         torch.cuda.empty_cache()
     else:
         peak, method = sampler.increase_mib, "cpu_rss_increase"
-    prefill_tps = [batch_size * prompt_len / seconds for seconds in prefill]
-    decode_ms = [seconds / decode_tokens * 1000 for seconds in decode]
-    record.update({
-        "prefill_tokens_per_s": statistics.median(prefill_tps),
-        "prefill_tokens_per_s_runs": prefill_tps,
-        "decode_ms_per_token": statistics.median(decode_ms),
-        "decode_ms_per_token_runs": decode_ms,
-        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(config, dtype),
-        "peak_memory_mib": peak,
-        "memory_method": method,
-    })
+    record.update(kv_cache_bytes_per_token=kv_cache_bytes_per_token(config, dtype), peak_memory_mib=peak,
+                  memory_method=method)
     return record
+
+
+def _rotations(names: list[str], rounds: int):
+    """The model order of each round, rotated by one per round, so no model always runs first."""
+    for index in range(rounds):
+        shift = index % len(names)
+        yield names[shift:] + names[:shift]
+
+
+def _timings(model_dirs: dict, configs: dict, *, device: torch.device, dtype: torch.dtype, batch_size: int,
+             prompt_len: int, decode_tokens: int, warmup: int, repeats: int, seed: int,
+             interleave: bool) -> dict[str, dict[str, list[float]]]:
+    """Seconds of every timed prefill and decode run, per model.
+
+    Interleaved, all models stay loaded and each round times every model once (prefill rounds,
+    then decode rounds), so slow drift of the machine (clock boost, allocator and thread-pool
+    warm-up, a neighbour's load) falls on all models alike. Measured on this CPU, the model timed
+    first in a sequential schedule was ~10% slower than the same checkpoint timed again later,
+    which moved the dense-to-compressed ratio above its ideal. Sequential (`interleave=False`)
+    holds one model at a time, for models that do not fit on the device together.
+    """
+    now = _clock(device)
+    names = list(model_dirs)
+    seconds = {name: {"prefill": [], "decode": []} for name in names}
+    runs = {"prefill": lambda model, ids: _prefill_seconds(model, ids, now),
+            "decode": lambda model, ids: _decode_seconds(model, ids, decode_tokens, now)}
+
+    def timed(loaded: dict, order_names: list[str]) -> None:
+        for kind, run in runs.items():
+            for order in _rotations(order_names, warmup):
+                for name in order:
+                    run(*loaded[name])
+            for order in _rotations(order_names, repeats):
+                for name in order:
+                    seconds[name][kind].append(run(*loaded[name]))
+
+    if interleave:
+        loaded = {name: (_load(model_dirs[name], device, dtype),
+                         _prompt(configs[name], batch_size, prompt_len, seed, device)) for name in names}
+        timed(loaded, names)
+        del loaded
+    else:
+        for name in names:
+            loaded = {name: (_load(model_dirs[name], device, dtype),
+                             _prompt(configs[name], batch_size, prompt_len, seed, device))}
+            timed(loaded, [name])
+            del loaded
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    gc.collect()
+    return seconds
 
 
 def measure_speed(model_dirs: dict[str, str | Path], *, device: str = "cpu", dtype: str = "float32",
                   batch_size: int = 1, prompt_len: int = 256, decode_tokens: int = 32, warmup: int = 2,
-                  repeats: int = 5, seed: int = 0) -> dict:
+                  repeats: int = 5, seed: int = 0, interleave: bool = True) -> dict:
     """Prefill throughput, decode latency (KV cache on) and peak memory of each named checkpoint.
 
-    Models are measured one after another in this process, each on the same seeded random prompt
-    of `batch_size` x `prompt_len` token ids; decode starts from a fresh prefill of that prompt and
-    times `decode_tokens` greedy steps. Figures are medians over `repeats` timed runs after
-    `warmup` untimed ones. When one model is named "dense", every other model gets its speedups
-    over it beside the ideal L_dense / L_model.
+    Every model runs on the same seeded random prompt of `batch_size` x `prompt_len` token ids;
+    decode starts from a fresh prefill of that prompt and times `decode_tokens` greedy steps.
+    Peak memory comes from a first pass that holds one model at a time; the timings from `warmup`
+    untimed and `repeats` timed rounds, interleaved across models unless `interleave` is False.
+    Figures are medians over the timed runs. When one model is named "dense", every other model
+    gets its speedups over it beside the ideal L_dense / L_model.
     """
+    if not isinstance(interleave, bool):
+        raise ValueError(f"interleave must be true or false, got {interleave!r}")
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     configs = _validate(model_dirs, batch_size=batch_size, prompt_len=prompt_len, decode_tokens=decode_tokens,
@@ -218,17 +276,31 @@ def measure_speed(model_dirs: dict[str, str | Path], *, device: str = "cpu", dty
     settings = {"device": str(torch_device), "dtype": str(torch_dtype).removeprefix("torch."),
                 "batch_size": batch_size, "prompt_len": prompt_len, "decode_prompt_len": prompt_len,
                 "decode_tokens": decode_tokens, "warmup": warmup, "repeats": repeats, "seed": seed,
+                "schedule": "interleaved" if interleave else "sequential",
                 "prefill_logits_to_keep": 1, "torch_threads": torch.get_num_threads(),
                 "torch_version": torch.__version__}
+    shape = dict(device=torch_device, dtype=torch_dtype, batch_size=batch_size, prompt_len=prompt_len,
+                 decode_tokens=decode_tokens, seed=seed)
     models = {}
+    if torch_device.type == "cpu":
+        # The first model loaded in a process pays one-time costs (thread pools, allocator arenas,
+        # lazy library state) that an RSS increase charges to it: the same SmolLM2 checkpoint
+        # measured 648 MiB first and 565 MiB second. One discarded pass takes them out.
+        first = next(iter(model_dirs))
+        _footprint(model_dirs[first], configs[first], **shape)
     for name, model_dir in model_dirs.items():
-        record = _measure_one(model_dir, configs[name], device=torch_device, dtype=torch_dtype,
-                              batch_size=batch_size, prompt_len=prompt_len, decode_tokens=decode_tokens,
-                              warmup=warmup, repeats=repeats, seed=seed)
-        logger.info("%s: %d layers, prefill %.1f tokens/s, decode %.3f ms/token, peak memory %.1f MiB (%s)",
-                    name, record["num_layers"], record["prefill_tokens_per_s"], record["decode_ms_per_token"],
-                    record["peak_memory_mib"], record["memory_method"])
-        models[name] = record
+        models[name] = _footprint(model_dir, configs[name], **shape)
+        logger.info("%s: %d layers, %d parameters, peak memory %.1f MiB (%s)", name, models[name]["num_layers"],
+                    models[name]["parameters"], models[name]["peak_memory_mib"], models[name]["memory_method"])
+    logger.info("timing %d warm-up and %d timed rounds, %s", warmup, repeats, settings["schedule"])
+    seconds = _timings(model_dirs, configs, warmup=warmup, repeats=repeats, interleave=interleave, **shape)
+    for name, record in models.items():
+        prefill_tps = [batch_size * prompt_len / s for s in seconds[name]["prefill"]]
+        decode_ms = [s / decode_tokens * 1000 for s in seconds[name]["decode"]]
+        record.update(prefill_tokens_per_s=statistics.median(prefill_tps), prefill_tokens_per_s_runs=prefill_tps,
+                      decode_ms_per_token=statistics.median(decode_ms), decode_ms_per_token_runs=decode_ms)
+        logger.info("%s: prefill %.1f tokens/s, decode %.3f ms/token", name, record["prefill_tokens_per_s"],
+                    record["decode_ms_per_token"])
     result = {"settings": settings, "models": models}
     if "dense" in models:
         dense = models["dense"]

@@ -212,12 +212,13 @@ def zero_shot_stage(model_json: str | Path, model_dir: str | Path | None, task: 
 
 def speed_stage(model_json: str | Path, model_dir: str | Path, options: dict, compute: dict, out_json: str | Path,
                 provenance: dict) -> dict:
-    """Prefill throughput and decode latency of the dense and the compressed model, back to back."""
+    """Prefill throughput and decode latency of the dense and the compressed model, in interleaved rounds."""
     from .speed import measure_speed
 
     dense, inputs = _evaluated(model_json, None)
     _, compressed_inputs = _evaluated(model_json, model_dir)
-    settings = {key: options[key] for key in ("batch_size", "prompt_len", "decode_tokens", "warmup", "repeats")}
+    settings = {key: options[key]
+                for key in ("batch_size", "prompt_len", "decode_tokens", "warmup", "repeats", "interleave")}
     record = measure_speed({"dense": dense, "compressed": str(model_dir)}, device=compute["device"],
                            dtype=compute["dtype"], **settings)
     record["provenance"] = {**provenance, "inputs": {**inputs, **compressed_inputs}}

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/paper_protocol/summarize.py [results/report/results.csv]
 
-Copies the full table next to this script (results.csv, results.md) and writes summary.md: for
+Copies the full table next to this script (results.csv, results.md), the report's plots, sample
+generations and plan heatmaps into figures/, and writes summary.md: for
 dense and each (method, blocks removed), the mean over calibration seeds and, beside it, the
 spread (max - min), so the seed-to-seed variation can be read next to the differences.
 """
@@ -56,6 +57,12 @@ def main() -> None:
     table = pd.read_csv(source)
     shutil.copy(source, HERE / "results.csv")
     shutil.copy(source.with_suffix(".md"), HERE / "results.md")
+    # The plots, sample generations and plan heatmaps, so the benchmark can be read without a rerun.
+    figures = HERE / "figures"
+    figures.mkdir(exist_ok=True)
+    for path in [*source.parent.glob("*.png"), source.parent / "generations.md", *source.parent.glob("plans/*.png")]:
+        if path.is_file():
+            shutil.copy(path, figures / path.name)
     text = ("Mean over calibration seeds ± half the spread (max - min) between them; accuracies in %.\n\n"
             + markdown(summary(table)))
     (HERE / "summary.md").write_text(text)

@@ -1,4 +1,4 @@
-"""Rule `speed`: dense vs compressed prefill throughput and decode latency, back to back."""
+"""Rule `speed`: dense vs compressed prefill throughput and decode latency, timed in one process."""
 from flattengpt.runtime import job_provenance, start_job
 from flattengpt.stages import speed_stage
 

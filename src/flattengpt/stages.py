@@ -256,7 +256,8 @@ def report_stage(entries: list[dict], plans: list[dict], outputs: dict, provenan
     notes = sorted({read_json(e["model_json"]).get("note") for e in entries} - {None})
     notes.append("perplexity: lower is better; task columns: lm-eval accuracy in % (acc_norm where the task has "
                  "it, acc for WinoGrande); retention = mean_acc / dense mean_acc; speedups: compressed over dense, "
-                 "measured back to back; ideal_speedup = L / (L - k)")
+                 "medians of timed runs in one process (interleaved rounds unless evaluation.speed.interleave is "
+                 "false); ideal_speedup = L / (L - k)")
     write_table(table, outputs["csv"], outputs["markdown"], title="flattengpt results", notes=notes)
     log.info("results table: %d rows x %d columns", *table.shape)
 

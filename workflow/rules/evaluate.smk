@@ -54,7 +54,7 @@ rule zero_shot:
 
 
 rule speed:
-    """Prefill throughput and KV-cached decode latency, dense and compressed back to back in one process."""
+    """Prefill throughput and KV-cached decode latency, dense and compressed timed in one process."""
     input:
         model="results/{model}/model.json",
         checkpoint="results/{model}/{calib}/{target}/{method}/model",

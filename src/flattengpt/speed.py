@@ -237,15 +237,16 @@ def _timings(model_dirs: dict, configs: dict, *, device: torch.device, dtype: to
                 for name in order:
                     seconds[name][kind].append(run(*loaded[name]))
 
+    def ready(name: str) -> tuple:
+        return _load(model_dirs[name], device, dtype), _prompt(configs[name], batch_size, prompt_len, seed, device)
+
     if interleave:
-        loaded = {name: (_load(model_dirs[name], device, dtype),
-                         _prompt(configs[name], batch_size, prompt_len, seed, device)) for name in names}
+        loaded = {name: ready(name) for name in names}
         timed(loaded, names)
         del loaded
     else:
         for name in names:
-            loaded = {name: (_load(model_dirs[name], device, dtype),
-                             _prompt(configs[name], batch_size, prompt_len, seed, device))}
+            loaded = {name: ready(name)}
             timed(loaded, [name])
             del loaded
             gc.collect()

@@ -70,7 +70,9 @@ def test_select_positions_is_seeded_and_keeps_last():
     assert torch.equal(act.select_positions(8, 100, None, seed=0), torch.arange(100))
 
 
-def test_interrupted_run_resumes_from_last_block(tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpoint_every, saved", [(1, 3), (2, 2)])
+def test_interrupted_run_resumes_from_last_block(tmp_path, monkeypatch, checkpoint_every, saved):
+    """Killed while block 3 runs: resumes from the last hidden state saved (every `checkpoint_every` blocks)."""
     model_dir = make_model(tmp_path, "qwen2")
     input_ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(5))
     reference = act.compute_activations(model_dir, input_ids, tmp_path / "ref", state_dir=tmp_path / "s0")
@@ -84,13 +86,15 @@ def test_interrupted_run_resumes_from_last_block(tmp_path, monkeypatch):
 
     monkeypatch.setattr(BlockwiseModel, "load_block", failing_load_block)
     with pytest.raises(KeyboardInterrupt):
-        act.compute_activations(model_dir, input_ids, tmp_path / "out", state_dir=tmp_path / "state")
+        act.compute_activations(model_dir, input_ids, tmp_path / "out", state_dir=tmp_path / "state",
+                                checkpoint_every=checkpoint_every)
     assert not (tmp_path / "out").exists(), "no partial output"
-    assert json.loads((tmp_path / "state" / "state.json").read_text())["next_layer"] == 3
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["next_layer"] == saved
 
     monkeypatch.setattr(BlockwiseModel, "load_block", original)
-    manifest = act.compute_activations(model_dir, input_ids, tmp_path / "out", state_dir=tmp_path / "state")
-    assert manifest["resumed_from_layer"] == 3 and reference["resumed_from_layer"] == 0
+    manifest = act.compute_activations(model_dir, input_ids, tmp_path / "out", state_dir=tmp_path / "state",
+                                       checkpoint_every=checkpoint_every)
+    assert manifest["resumed_from_layer"] == saved and reference["resumed_from_layer"] == 0
     for index in range(5):
         assert torch.equal(act.load_layer(tmp_path / "out", index)[0], act.load_layer(tmp_path / "ref", index)[0])
 

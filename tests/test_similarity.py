@@ -264,3 +264,80 @@ def test_load_matrix_rejects_non_square(tmp_path):
     pd.DataFrame([[1.0, 2.0]], index=["X0"], columns=["X0", "X1"]).to_csv(path)
     with pytest.raises(ValueError, match="square"):
         sim.load_matrix(path)
+
+
+# ----------------------------------------------------------------------------- the stored copy's defaults
+
+
+def _calibration_ids(tmp_path, n_samples, seq_len):
+    """(model dir, [n_samples, seq_len] ids): stories260K on Shakespeare where ../shared exists, else a random Llama."""
+    from .models_for_tests import SHARED, STORIES, make_model
+
+    if STORIES.exists():
+        from transformers import AutoTokenizer
+
+        text = (SHARED / "text" / "tinyshakespeare.input.txt").read_text()[:200_000]
+        ids = torch.tensor(AutoTokenizer.from_pretrained(STORIES)(text)["input_ids"])
+        return STORIES, ids[: n_samples * seq_len].view(n_samples, seq_len)
+    model_dir = make_model(tmp_path, "llama", num_layers=6)
+    return model_dir, torch.randint(0, 128, (n_samples, seq_len), generator=torch.Generator().manual_seed(0))
+
+
+def test_capped_bfloat16_copy_gives_the_full_float32_matrices_and_plan(tmp_path):
+    """The default stored copy (a quarter of the tokens here, bfloat16) against every token in float32.
+
+    Measured on stories260K, 32 x 256 Shakespeare tokens: bfloat16 alone moves cosine, angular
+    distance and CKA by <= 6e-5; keeping 2048 of 8192 tokens moves the cosine means by <= 3e-3
+    (sampling), angular distance not at all (every last token is kept), and CKA by its different
+    token subsample (CKA itself moves ~0.02 between 1024 and 8192 tokens of the full copy).
+    The greedy plans agree for every k.
+    """
+    from flattengpt.activations import DEFAULT_STORE_DTYPE, compute_activations
+    from flattengpt.checkpoint import Checkpoint
+    from flattengpt.plan import make_plan
+
+    assert DEFAULT_STORE_DTYPE == "bfloat16"
+    model_dir, ids = _calibration_ids(tmp_path, 32, 256)
+    copies = {"full": ("float32", None), "bf16": ("bfloat16", None), "capped": ("bfloat16", 2048)}
+    views = {}
+    for name, (store_dtype, max_tokens) in copies.items():
+        out = tmp_path / name
+        manifest = compute_activations(model_dir, ids, out, state_dir=tmp_path / f"state-{name}",
+                                       store_dtype=store_dtype, max_tokens=max_tokens)
+        hidden_bytes = sum((out / sim.layer_file(i)).stat().st_size for i in range(manifest["num_layers"] + 1))
+        # the formula counts the hidden states; each file adds its positions and a small header
+        assert 0 < hidden_bytes - manifest["sizes"]["output_bytes"] < (manifest["num_layers"] + 1) * 4096
+        views[name] = {"cosine": sim.cosine_matrix(out), "angular": sim.angular_distance_matrix(out),
+                       "cka": sim.cka_matrix(out, max_tokens=1024)}
+    full = views["full"]
+    assert sim.read_manifest(tmp_path / "capped")["stored_tokens"] == 2048
+    for view in full:  # precision alone: same tokens, same CKA subsample
+        np.testing.assert_allclose(views["bf16"][view], full[view], rtol=0, atol=2e-4, err_msg=view)
+    capped = views["capped"]
+    np.testing.assert_allclose(capped["cosine"], full["cosine"], rtol=0, atol=1e-2)
+    np.testing.assert_allclose(sim.block_influence(capped["cosine"]), sim.block_influence(full["cosine"]),
+                               rtol=0, atol=1e-2)
+    np.testing.assert_allclose(capped["angular"], full["angular"], rtol=0, atol=2e-4)
+    np.testing.assert_allclose(capped["cka"], full["cka"], rtol=0, atol=0.08)
+    counts = Checkpoint(model_dir).parameter_counts()
+    for k in range(1, len(counts["per_block"]) - 1):
+        assert make_plan(capped["cosine"], counts, {"remove_blocks": k}).groups == \
+            make_plan(full["cosine"], counts, {"remove_blocks": k}).groups, k
+
+
+def test_float16_overflow_names_the_option(tmp_path):
+    """A float16 copy of activations beyond 65504 fails the stage instead of storing inf."""
+    from safetensors.torch import load_file, save_file as save
+
+    from flattengpt.activations import compute_activations
+
+    from .models_for_tests import make_model
+
+    model_dir = make_model(tmp_path, "llama")
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights["model.embed_tokens.weight"] *= 1e8  # X_0 = the embeddings, far beyond float16's range
+    save(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(FloatingPointError, match="activations.store_dtype: float16 overflows X_0"):
+        compute_activations(model_dir, ids, tmp_path / "out", state_dir=tmp_path / "state", store_dtype="float16")
+    compute_activations(model_dir, ids, tmp_path / "out", state_dir=tmp_path / "state", store_dtype="bfloat16")

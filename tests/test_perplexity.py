@@ -80,3 +80,40 @@ def test_stage_on_a_text_file_matches_direct_windows(tmp_path):
     with pytest.raises(ValueError, match="evaluation.perplexity.seq_len"):
         perplexity_stage(tmp_path / "model.json", None, "text", {"source": "local", "path": str(tmp_path / "text.txt")},
                          {**options, "seq_len": 100_000}, {"device": "cpu", "dtype": "float32"}, tmp_path / "p3.json", {})
+
+
+def test_interrupted_run_resumes_with_the_identical_result(tmp_path, monkeypatch):
+    """Killed in the third pass of two windows: the rerun evaluates windows 4.. only, same float64 result."""
+    import json
+
+    from flattengpt.blockwise import BlockwiseModel
+
+    model_dir = make_model(tmp_path, "llama")  # 4 blocks
+    windows = eval_windows(torch.randint(0, 128, (7 * 24,), generator=torch.Generator().manual_seed(3)), 24)
+    options = dict(batch_size=2, checkpoint_every=2)
+    reference = perplexity(model_dir, windows, state_dir=tmp_path / "ref-state", **options)
+    assert not (tmp_path / "ref-state").exists(), "the state is removed on completion"
+    assert reference["resumed_from_window"] == 0 and reference["n_windows"] == 7
+
+    original, calls = BlockwiseModel.load_block, []
+
+    def killed_in_third_pass(self, index, device=None):
+        calls.append(index)
+        if len(calls) > 2 * 4 + 1:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, index, device)
+
+    monkeypatch.setattr(BlockwiseModel, "load_block", killed_in_third_pass)
+    with pytest.raises(KeyboardInterrupt):
+        perplexity(model_dir, windows, state_dir=tmp_path / "state", **options)
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert len(state["nll"]) == len(state["count"]) == 4
+    monkeypatch.setattr(BlockwiseModel, "load_block", original)
+
+    other = perplexity(model_dir, windows[:6], state_dir=tmp_path / "other", **options)
+    assert other["resumed_from_window"] == 0, "other windows have another key"
+    resumed = perplexity(model_dir, windows, state_dir=tmp_path / "state", **options)
+    assert resumed["resumed_from_window"] == 4 and not (tmp_path / "state").exists()
+    for field in ("perplexity", "mean_nll", "n_predicted_tokens", "n_windows"):
+        assert resumed[field] == reference[field], field
+    assert resumed["perplexity"] == pytest.approx(direct_perplexity(model_dir, windows), rel=1e-5)

@@ -6,18 +6,30 @@ evaluation code the paper follows). Every window's tokens except the first are p
 perplexity = exp(mean NLL over n_windows * (seq_len - 1) predictions).
 
 The model is walked with the same block-at-a-time runner as the activations stage, so evaluating
-a 70B checkpoint needs one block on the device plus the hidden states of the evaluated windows.
+a 70B checkpoint needs one block on the device plus the hidden states of the windows in flight.
+
+Resuming: windows go through the model `checkpoint_every` at a time (one blockwise pass each).
+After each pass the summed NLL and prediction count of every window in it are saved to
+`state_dir/state.json`, keyed by the checkpoint's fingerprint, the windows' token ids and the
+options; a rerun with the same key starts at the first unfinished window. The total is the sum of
+the per-window sums in window order, in float64, in both cases, so a resumed run's result is
+identical to an uninterrupted one's. The state directory is removed once the result is computed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .blockwise import BlockwiseModel
+from .provenance import json_sha256, tensor_sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +44,95 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None
     return ids[: n_windows * seq_len].view(n_windows, seq_len)
 
 
+def _window_nlls(runner: BlockwiseModel, hidden: torch.Tensor, windows: torch.Tensor,
+                 chunk_tokens: int = 512) -> list[tuple[float, int]]:
+    """(summed NLL in float64, predictions) of every window, from the final residual X_L.
+
+    As BlockwiseModel.next_token_nll, but one sum per window, so progress can be saved per window.
+    """
+    adapter, checkpoint = runner.adapter, runner.checkpoint
+    norm = adapter.build_final_norm()
+    norm.load_state_dict({"weight": checkpoint.tensor(adapter.final_norm_key)})
+    norm = norm.to(runner.device, runner.dtype)
+    head_key = adapter.lm_head_key if adapter.lm_head_key in checkpoint else adapter.embed_key  # tied
+    head = checkpoint.tensor(head_key, runner.device, runner.dtype)
+    seq_len = hidden.shape[1]
+    results = []
+    for row in range(hidden.shape[0]):
+        total = 0.0  # a Python float: float64
+        for start in range(0, seq_len - 1, chunk_tokens):
+            states = hidden[row, start:min(start + chunk_tokens, seq_len - 1)]
+            targets = windows[row, start + 1:start + 1 + states.shape[0]]  # position t predicts token t + 1
+            logits = (norm(states.to(runner.device, runner.dtype)) @ head.T).float()
+            total += float(F.cross_entropy(logits, targets.to(runner.device), reduction="sum"))
+        results.append((total, seq_len - 1))
+    return results
+
+
+def _load_state(state_dir: Path, key: str) -> tuple[list[float], list[int]]:
+    """Per-window sums and counts saved by an interrupted run with the same key, else empty lists."""
+    try:
+        state = json.loads((state_dir / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return [], []
+    if state.get("key") != key or len(state.get("nll", [])) != len(state.get("count", [])):
+        log.info("discarding the resume state in %s: it was made from another model, text or options", state_dir)
+        return [], []
+    return [float(v) for v in state["nll"]], [int(v) for v in state["count"]]
+
+
 @torch.no_grad()
 def perplexity(model_dir, windows: torch.Tensor, *, device: str = "cpu", dtype: str = "float32",
-               batch_size: int = 8) -> dict:
-    """exp(mean next-token NLL) of `windows` (n x seq_len) under the checkpoint in `model_dir`."""
+               batch_size: int = 8, checkpoint_every: int | None = None, state_dir: str | Path | None = None,
+               fingerprint: str | None = None) -> dict:
+    """exp(mean next-token NLL) of `windows` (n x seq_len) under the checkpoint in `model_dir`.
+
+    `checkpoint_every` windows per blockwise pass (default: all in one pass); with `state_dir`,
+    progress is saved after every pass and a rerun resumes from it. `fingerprint` names the
+    checkpoint in the resume key (default: the fingerprint of its files).
+    """
     started = time.perf_counter()
     runner = BlockwiseModel(model_dir, device=device, dtype=dtype)
-    hidden = None
-    for index, hidden in runner.residual_stream(windows, batch_size=batch_size):
-        if index > 0:  # index 0 is the embedding output
-            log.info("block %d/%d done (%.0f s)", index, runner.num_layers, time.perf_counter() - started)
-    total_nll, count = runner.next_token_nll(hidden, windows)
+    n_windows = int(windows.shape[0])
+    per_pass = n_windows if checkpoint_every is None else int(checkpoint_every)
+    if per_pass < 1:
+        raise ValueError(f"evaluation.perplexity.checkpoint_every must be at least 1, got {checkpoint_every}")
+    # Batch composition can change the last bits of a block's output, so the passes and batches
+    # are part of the key: a state is only reused by a run that would compute the same numbers.
+    options = {"dtype": dtype, "batch_size": batch_size, "checkpoint_every": per_pass}
+    key = json_sha256({"model": fingerprint or runner.checkpoint.fingerprint(),
+                       "windows": tensor_sha256(windows), "options": options})
+    nlls, counts = [], []
+    if state_dir is not None:
+        state_dir = Path(state_dir)
+        nlls, counts = _load_state(state_dir, key)
+        if nlls:
+            log.info("resuming from saved progress: %d of %d windows already evaluated (%s)", len(nlls),
+                     n_windows, state_dir)
+        else:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            state_dir.mkdir(parents=True)
+    resumed_from = len(nlls)
+    for first in range(resumed_from, n_windows, per_pass):
+        chunk = windows[first:first + per_pass]
+        hidden = None
+        for index, hidden in runner.residual_stream(chunk, batch_size=batch_size):
+            pass
+        for nll, count in _window_nlls(runner, hidden, chunk):
+            nlls.append(nll)
+            counts.append(count)
+        del hidden
+        if state_dir is not None:
+            write_json(state_dir / "state.json", {"key": key, "nll": nlls, "count": counts})
+        log.info("windows %d-%d of %d done (%.0f s)", first, first + chunk.shape[0] - 1, n_windows,
+                 time.perf_counter() - started)
+    total_nll = sum(nlls, 0.0)  # float64, in window order, whether resumed or not
+    count = sum(counts)
     mean_nll = total_nll / count
-    return {"perplexity": math.exp(mean_nll), "mean_nll": mean_nll, "n_windows": int(windows.shape[0]),
-            "seq_len": int(windows.shape[1]), "n_predicted_tokens": count,
-            "seconds": round(time.perf_counter() - started, 3)}
+    result = {"perplexity": math.exp(mean_nll), "mean_nll": mean_nll, "n_windows": n_windows,
+              "seq_len": int(windows.shape[1]), "n_predicted_tokens": count,
+              "checkpoint_every": per_pass, "resumed_from_window": resumed_from,
+              "seconds": round(time.perf_counter() - started, 3)}
+    if state_dir is not None:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return result

@@ -150,8 +150,13 @@ def _evaluated(model_json: str | Path, model_dir: str | Path | None) -> tuple[st
 
 
 def perplexity_stage(model_json: str | Path, model_dir: str | Path | None, corpus: str, spec: dict, options: dict,
-                     compute: dict, out_json: str | Path, provenance: dict) -> dict:
-    """Perplexity on one corpus (METHOD.md section 6): non-overlapping windows of seq_len tokens."""
+                     compute: dict, out_json: str | Path, provenance: dict, state_dir: str | Path | None = None,
+                     checkpoint_every: int | None = None) -> dict:
+    """Perplexity on one corpus (METHOD.md section 6): non-overlapping windows of seq_len tokens.
+
+    With `state_dir`, the per-window sums are saved every `checkpoint_every` windows and a rerun
+    resumes from them (the result is identical to an uninterrupted run's).
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     from .data import load_text, tokenize, tokenizer_info
@@ -171,7 +176,10 @@ def perplexity_stage(model_json: str | Path, model_dir: str | Path | None, corpu
     from .blockwise import resolve_device
 
     device = str(resolve_device(compute["device"]))
-    result = perplexity(path, windows, device=device, dtype=compute["dtype"], batch_size=options["batch_size"])
+    from .provenance import json_sha256
+
+    result = perplexity(path, windows, device=device, dtype=compute["dtype"], batch_size=options["batch_size"],
+                        checkpoint_every=checkpoint_every, state_dir=state_dir, fingerprint=json_sha256(inputs))
     record = {"corpus": corpus, **result, "n_tokens_in_corpus": int(ids.numel()),
               "max_windows": options.get("max_windows"), "text": text_info, "tokenizer": tokenizer_info(tokenizer),
               "device": device, "dtype": compute["dtype"], "model_dir": path,

@@ -14,6 +14,8 @@ rule perplexity:
         corpus=corpus_spec,
         options=perplexity_params,
         compute=eval_compute,
+        # Progress lives outside the declared output, which Snakemake deletes before a rerun.
+        state_dir="results/{model}/{variant}/eval/.resume/perplexity.{corpus}",
     threads: config["compute"]["threads"]
     resources:
         gpu=lambda wc: 1 if config["compute"]["device"].startswith("cuda") else 0,

@@ -86,7 +86,8 @@ def test_end_to_end_reloads_with_vanilla_transformers(tmp_path, monkeypatch, arc
     assert saved["options"] == {"lambda_factor": options.get("lambda_factor", 10.0),
                                 "compensation_target": options.get("compensation_target", "flattened"),
                                 "attn_compensation": options.get("attn_compensation", False),
-                                "head_scoring": "output_norm", "dtype": "float32", "device": "cpu", "batch_size": 3}
+                                "head_scoring": "output_norm", "dtype": "float32", "device": "cpu",
+                                "solve_device": "auto", "solve_dtype": "float64", "batch_size": 3}
     assert [s["flattened"] for s in saved["group_stats"]] == [False, True, False]
     pair = saved["group_stats"][1]
     assert len(pair["heads"]["kept_query_heads"]) == original["num_attention_heads"]
@@ -169,7 +170,7 @@ def test_non_finite_activations_and_failing_solves_name_the_group(tmp_path, monk
     def failing(*args, **kwargs):
         raise torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be completed")
 
-    monkeypatch.setattr(prune, "compensate", failing)
+    monkeypatch.setattr(prune, "cholesky_lower_", failing)
     with pytest.raises(CompressionError, match=r"group 1 \(blocks 1-2\): linalg.cholesky"):
         compress_model(good, PLAN, calibration(), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

@@ -33,9 +33,9 @@ from safetensors.torch import save_file
 
 from .blockwise import BlockwiseModel
 from .checkpoint import Checkpoint
-from .flatten import block_state, build_block, check_block, flatten_group, names, pad_block, widen
-from .prune import (attention_statistics, head_columns, leverage_scores, mlp_statistics, prune_channels,
-                    prune_heads, ridge_fit, ridge_lambda, select_kv_groups, top_k_in_order)
+from .flatten import build_block, check_block, flatten_group, names, pad_block, widen
+from .prune import (SOLVE_DTYPES, Gram, attention_statistics, head_columns, mlp_statistics, prune_channels,
+                    prune_heads, ridge_fit, ridge_lambda, select_channels, select_kv_groups)
 from .provenance import atomic_dir, atomic_path, json_sha256, tensor_sha256, write_json
 from .runtime import peak_rss_mib
 
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("flattengpt", "drop", "flatten-only")
 TARGETS = ("flattened", "original")
 HEAD_SCORINGS = ("output_norm",)
+SOLVE_DEVICES = ("auto", "host")
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 COPIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
                    "*.model", "*.tiktoken", "chat_template*", "generation_config.json")
@@ -252,49 +253,63 @@ def _check_finite(hidden: torch.Tensor, what: str) -> None:
 def compress_group(runner: BlockwiseModel, group: list[int], hidden: torch.Tensor, *, lambda_factor: float = 10.0,
                    compensation_target: str = "flattened", attn_compensation: bool = False, batch_size: int = 8,
                    save_dtypes: dict[str, torch.dtype] | None = None, keep_kv_heads: int | None = None,
-                   keep_channels: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
+                   keep_channels: int | None = None, solve_device: str = "auto",
+                   solve_dtype: str = "float64") -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
     """Flatten `group` and prune it to `keep_kv_heads` KV groups and `keep_channels` MLP channels.
 
     `hidden` is the group's input over the calibration set. Returns the pruned block (cast to
     `save_dtypes`), its output on `hidden` (the next group's input) and statistics. The widths
     default to the original ones; other widths are for tests and experiments.
+    A group of one block is returned as the source checkpoint stores it, bit for bit. A wider group
+    is flattened from the stored tensors too (in their own precision, on the host), so the kept rows
+    are never rounded through the compute dtype; only the activations are computed in it.
+    solve_device "host" moves the Gram sums to CPU RAM for the solves; solve_dtype is the
+    precision of the factorisations and triangular solves (the sums and error checks stay float64).
     """
     adapter, device, dtype = runner.adapter, runner.device, runner.dtype
     shape, first, m = adapter.shape, group[0], len(group)
     n = names(adapter)
+    solve_precision = SOLVE_DTYPES[solve_dtype]
 
-    originals = [runner.load_block(i) for i in group]
-    sources = [block_state(b) for b in originals]
+    sources = [runner.checkpoint.tensors(adapter.layer_prefix(i)) for i in group]  # as stored, on the host
     save_dtypes = save_dtypes or {k: v.dtype for k, v in sources[0].items()}
     for block in sources:
         check_block(block, adapter, shape)
     stats: dict = {"blocks": group}
     if m == 1:  # nothing to flatten: the block is kept as it is
-        new_hidden = runner.run_block(originals[0], first, hidden, batch_size)
+        new_hidden = runner.run_block(runner.load_block(first), first, hidden, batch_size)
         _check_finite(new_hidden, "the block's output")
-        return _cast(sources[0], save_dtypes), new_hidden, {**stats, "flattened": False}
+        return sources[0], new_hidden, {**stats, "flattened": False}
 
     def batches():
         for start in range(0, hidden.shape[0], batch_size):
             x = hidden[start:start + batch_size].to(device, dtype)
             yield x, runner.block_kwargs(first, x)
 
+    def solve_place(gram: Gram) -> Gram:  # where the solves run: the device the sums were made on, or the host
+        if solve_device == "host":
+            gram.C = gram.C.cpu()
+            gram.cross = None if gram.cross is None else gram.cross.cpu()
+        return gram
+
     wide_shape = widen(shape, m)
     keep_kv = keep_kv_heads or shape.num_kv_heads
     keep_channels = keep_channels or shape.intermediate_size
     wide = flatten_group(sources, adapter)
     del sources
-    if compensation_target != "original":  # only the original target runs the original blocks again
-        del originals
 
     # 1. Heads: score on the wide block, keep the best KV groups (their query heads with them).
     layer = build_block(adapter, wide, first, wide_shape, device, dtype)
     head_scores, attn_gram = attention_statistics(layer, adapter, wide_shape, batches())
     del layer
     kept_kv, kept_heads = select_kv_groups(head_scores, shape.kv_group_size, keep_kv)
+    attn_gram = solve_place(attn_gram)
     W_o = wide[f"{n['o']}.weight"].T.double().to(attn_gram.C.device)  # W = W_O^T: (heads * head_dim) x hidden
     cols = head_columns(kept_heads, shape.head_dim).to(W_o.device)
-    attn_fit = ridge_fit(attn_gram.C, W_o, cols, ridge_lambda(attn_gram.C, lambda_factor))
+    attn_C, attn_gram.C = attn_gram.C, None  # its storage is reused by the solve
+    attn_fit = ridge_fit(attn_C, W_o, cols, ridge_lambda(attn_C, lambda_factor), overwrite=True,
+                         dtype=solve_precision)
+    del attn_C, W_o
     o_weight = attn_fit.weight.T if attn_compensation else None
     pruned = prune_heads(wide, adapter, kept_kv, kept_heads, shape.head_dim, o_weight)
     mid_shape = replace(wide_shape, num_heads=len(kept_heads), num_kv_heads=len(kept_kv))
@@ -304,41 +319,45 @@ def compress_group(runner: BlockwiseModel, group: list[int], hidden: torch.Tenso
         "head_scores": [round(float(s), 6) for s in head_scores], "head_scores_summary": _summary(head_scores),
         # the attention output error of head selection, and of the o_proj refit when it is used
         "attention_error": {**attn_fit.summary(attn_gram.tokens), "refit_applied": attn_compensation},
+        "solve": attn_fit.solve,
     }
-    del attn_gram
+    del attn_gram, attn_fit
 
     # 2. MLP channels on the residual after the pruned attention.
     layer = build_block(adapter, pruned, first, mid_shape, device, dtype)
     target = None
     if compensation_target == "original":
+        originals = [runner.load_block(i) for i in group]
+        # y - h is a small difference of two large residuals: form it in float32 at least, whatever the compute dtype
+        target_dtype = torch.promote_types(dtype, torch.float32)
+
         def target(x, h):  # the residual the original blocks a..b add to the same input, minus h
             y = x
             for index, block in zip(group, originals):
                 y = block(y, **runner.block_kwargs(index, y))
                 y = y[0] if isinstance(y, tuple) else y
-            return y - h
-    gram = mlp_statistics(layer, adapter, batches(), target)
-    del layer
+            return y.to(target_dtype) - h.to(target_dtype)
+    gram = solve_place(mlp_statistics(layer, adapter, batches(), target))
+    del layer, target
+    originals = None
     W = wide[f"{n['down']}.weight"].T.double().to(gram.C.device)  # W = W_down^T: (m*I) x hidden
-    lam = ridge_lambda(gram.C, lambda_factor)
-    scores = leverage_scores(gram.C, lam)
-    keep = top_k_in_order(scores, keep_channels)
-    if target is None:
-        fit = ridge_fit(gram.C, W, keep, lam)
-    else:
-        fit = ridge_fit(gram.C, W, keep, lam, gram.cross, gram.norm2)
+    C, gram.C = gram.C, None  # select_channels factors C in its own storage
+    lam = ridge_lambda(C, lambda_factor)
+    norm2 = None if gram.cross is None else gram.norm2
+    scores, fit, fit_flattened = select_channels(C, W, keep_channels, lam, gram.cross, norm2, dtype=solve_precision)
+    del C, W
+    keep = fit.keep.cpu()
     stats["mlp"] = {
         "kept_channels": len(keep), "of_channels": wide_shape.intermediate_size,
-        "kept_channels_per_block": _per_block(keep.cpu(), shape.intermediate_size, group),
+        "kept_channels_per_block": _per_block(keep, shape.intermediate_size, group),
         "leverage_summary": _summary(scores), "target": compensation_target,
-        "error": fit.summary(gram.tokens),
+        "error": fit.summary(gram.tokens), "solve": fit.solve,
     }
-    if target is not None:  # the same selection and fit measured against the flattened MLP output
-        CW = gram.C @ W
-        stats["mlp"]["error_vs_flattened"] = fit.against(gram.C, CW, float((W * CW).sum())).summary(gram.tokens)
+    if compensation_target == "original":  # the same selection and fit measured against the flattened MLP output
+        stats["mlp"]["error_vs_flattened"] = fit_flattened.summary(gram.tokens)
     del gram
 
-    final = _cast(prune_channels(pruned, adapter, keep.cpu(), fit.weight.T.cpu()), save_dtypes)
+    final = _cast(prune_channels(pruned, adapter, keep, fit.weight.T.cpu()), save_dtypes)
     final_shape = replace(mid_shape, intermediate_size=len(keep))
     layer = build_block(adapter, final, first, final_shape, device, dtype)  # as it will be saved
     new_hidden = runner.run_block(layer, first, hidden, batch_size)
@@ -358,7 +377,8 @@ def _calibration_nll(runner: BlockwiseModel, hidden: torch.Tensor, input_ids: to
 def compress_model(model_dir, groups: list[list[int]], calib_input_ids: torch.Tensor, out_dir, *,
                    method: str = "flattengpt", lambda_factor: float = 10.0, compensation_target: str = "flattened",
                    attn_compensation: bool = False, head_scoring: str = "output_norm", device: str = "cpu",
-                   dtype: str = "float32", batch_size: int = 8, state_dir=None, provenance: dict | None = None,
+                   dtype: str = "float32", batch_size: int = 8, solve_device: str = "auto", solve_dtype: str = "float64",
+                   state_dir=None, provenance: dict | None = None,
                    log: Callable[[str], None] | None = None, max_shard_bytes: int = 64 * 2**20) -> dict:
     """Compress the checkpoint in `model_dir` by the plan `groups`; write a HF model to `out_dir`.
 
@@ -370,7 +390,7 @@ def compress_model(model_dir, groups: list[list[int]], calib_input_ids: torch.Te
     """
     started = time.perf_counter()
     log = log or logger.info
-    _check_options(method, compensation_target, head_scoring, lambda_factor)
+    _check_options(method, compensation_target, head_scoring, lambda_factor, solve_device, solve_dtype)
     checkpoint = Checkpoint(model_dir)
     runner = BlockwiseModel(checkpoint, device=device, dtype=dtype)
     adapter, shape = runner.adapter, runner.adapter.shape
@@ -381,7 +401,7 @@ def compress_model(model_dir, groups: list[list[int]], calib_input_ids: torch.Te
 
     options = {"lambda_factor": float(lambda_factor), "compensation_target": compensation_target,
                "attn_compensation": bool(attn_compensation), "head_scoring": head_scoring,
-               "dtype": dtype, "device": str(runner.device)}
+               "dtype": dtype, "device": str(runner.device), "solve_device": solve_device, "solve_dtype": solve_dtype}
     fingerprint, ids_hash = checkpoint.fingerprint(), tensor_sha256(ids)
     key = json_sha256({"model": fingerprint, "groups": groups, "method": method, "options": options,
                        "calibration": ids_hash})
@@ -457,13 +477,19 @@ def compress_model(model_dir, groups: list[list[int]], calib_input_ids: torch.Te
     return record
 
 
-def _check_options(method: str, compensation_target: str, head_scoring: str, lambda_factor: float) -> None:
+def _check_options(method: str, compensation_target: str, head_scoring: str, lambda_factor: float,
+                   solve_device: str = "auto", solve_dtype: str = "float64") -> None:
     for name, value, allowed in (("method", method, METHODS), ("compensation_target", compensation_target, TARGETS),
-                                 ("head_scoring", head_scoring, HEAD_SCORINGS)):
+                                 ("head_scoring", head_scoring, HEAD_SCORINGS), ("solve_device", solve_device, SOLVE_DEVICES),
+                                 ("solve_dtype", solve_dtype, tuple(SOLVE_DTYPES))):
         if value not in allowed:
             raise CompressionError(f"{name} {value!r} is not one of {', '.join(allowed)}")
     if not lambda_factor >= 0:
         raise CompressionError(f"lambda_factor must be >= 0, got {lambda_factor}")
+    if solve_dtype == "float32" and lambda_factor == 0:
+        # without the ridge the systems can be singular: float32 has no margin for that
+        raise CompressionError("solve_dtype float32 needs lambda_factor > 0 (the least-squares solve at lambda 0 "
+                               "can be singular); set solve_dtype: float64 or lambda_factor > 0")
 
 
 def _compress_one(method: str, runner: BlockwiseModel, group: list[int], hidden: torch.Tensor | None,
@@ -482,13 +508,14 @@ def _compress_one(method: str, runner: BlockwiseModel, group: list[int], hidden:
     return compress_group(runner, group, hidden, lambda_factor=options["lambda_factor"],
                           compensation_target=options["compensation_target"],
                           attn_compensation=options["attn_compensation"], batch_size=batch_size,
-                          save_dtypes=save_dtypes)
+                          save_dtypes=save_dtypes, solve_device=options["solve_device"],
+                          solve_dtype=options["solve_dtype"])
 
 
 def _flatten_only(runner: BlockwiseModel, group: list[int], output_shape, save_dtypes) -> dict[str, torch.Tensor]:
     """The group's wide block (a single block as it is), zero-padded to the output widths."""
     adapter, shape = runner.adapter, runner.adapter.shape
-    sources = [block_state(runner.load_block(i)) for i in group]
+    sources = [runner.checkpoint.tensors(adapter.layer_prefix(i)) for i in group]  # as stored: exact copies, padding
     for block in sources:
         check_block(block, adapter, shape)
     wide = sources[0] if len(group) == 1 else flatten_group(sources, adapter)

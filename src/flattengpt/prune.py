@@ -31,7 +31,7 @@ calibration activations are never held at once, and the fit errors come from the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import torch
@@ -83,14 +83,20 @@ class Gram:
     norm2: float = 0.0
     tokens: int = 0
 
+    chunk_elements: int = 2**24  # float64 copies of at most this many feature values (128 MiB) at a time
+
     def add(self, features: torch.Tensor, target: torch.Tensor | None = None) -> None:
-        f = features.reshape(-1, features.shape[-1]).double()
-        self.C = f.T @ f if self.C is None else self.C.addmm_(f.T, f)
-        if target is not None:
-            r = target.reshape(-1, target.shape[-1]).double()
-            self.cross = f.T @ r if self.cross is None else self.cross.addmm_(f.T, r)
-            self.norm2 += float((r * r).sum())
-        self.tokens += f.shape[0]
+        features = features.reshape(-1, features.shape[-1])
+        target = None if target is None else target.reshape(-1, target.shape[-1])
+        rows = max(1, self.chunk_elements // features.shape[1])  # a whole batch in float64 would be B*T*n*8 bytes
+        for start in range(0, features.shape[0], rows):
+            f = features[start:start + rows].double()
+            self.C = f.T @ f if self.C is None else self.C.addmm_(f.T, f)
+            if target is not None:
+                r = target[start:start + rows].double()
+                self.cross = f.T @ r if self.cross is None else self.cross.addmm_(f.T, r)
+                self.norm2 += float((r * r).sum())
+        self.tokens += features.shape[0]
 
     def check_finite(self, what: str) -> None:
         for t in (self.C, self.cross):
@@ -169,6 +175,9 @@ def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- ridge regression
 
+BLOCK = 512  # columns per step of the blocked factorisation and solves: the scratch is O(n * BLOCK)
+SOLVE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
 
 def ridge_lambda(C: torch.Tensor, factor: float) -> float:
     """lambda = c * trace(C) / n: c times the mean eigenvalue of C."""
@@ -179,11 +188,143 @@ def _pinv(A: torch.Tensor) -> torch.Tensor:
     return torch.linalg.pinv(A, hermitian=True, rtol=A.shape[0] * torch.finfo(A.dtype).eps * 10)
 
 
-def _plus_ridge(A: torch.Tensor, lam: float) -> torch.Tensor:
-    """A + lambda I without materialising I (C is (m*I)^2 float64: gigabytes for a 7B model)."""
-    out = A.clone()
-    out.diagonal().add_(lam)
+def _lower(A: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+    """The lower triangle of the diagonal block A[rows, rows] as a fresh tensor (its upper part is not L)."""
+    return A[rows, rows].tril().to(dtype)
+
+
+def cholesky_lower_(A: torch.Tensor, lam: float, *, block: int = BLOCK, dtype: torch.dtype = torch.float64) -> None:
+    """Factor A + lam I = L L^T in place: L goes into the lower triangle of A, diagonal included.
+
+    Left-looking and blocked: block column j is updated with the finished columns left of it,
+        A[j:, J] -= L[j:, :j] L[J, :j]^T,   L[J, J] = chol(A[J, J]),   L[e:, J] = A[e:, J] L[J, J]^-T,
+    so only the lower triangle is read and the strict upper triangle is never written: when A held a
+    symmetric C, it still holds C there afterwards (with diag(C) lost). Scratch: a panel of
+    n x block and row chunks of block x n. `dtype` is the arithmetic precision; storage stays A's.
+    """
+    n = A.shape[0]
+    rows_chunk = 4 * block  # rows of L[j:, :j] cast to `dtype` at a time, so that the cast is O(n * block)
+    for j in range(0, n, block):
+        e = min(j + block, n)
+        panel = A[j:, j:e].to(dtype, copy=True)
+        if j:
+            top = A[j:e, :j].to(dtype).T
+            for r in range(j, n, rows_chunk):
+                panel[r - j:r - j + rows_chunk] -= A[r:r + rows_chunk, :j].to(dtype) @ top
+        diagonal = panel[:e - j].tril()
+        diagonal = diagonal + diagonal.tril(-1).T  # its upper part still holds C, not the update: mirror the lower
+        diagonal.diagonal().add_(lam)
+        factor, info = torch.linalg.cholesky_ex(diagonal)
+        if int(info) != 0:
+            raise torch.linalg.LinAlgError(
+                f"the {n}x{n} ridge system is not positive definite at column {j + int(info) - 1} "
+                f"(lambda {lam:.3g} too small for {str(dtype).removeprefix('torch.')}?); "
+                "raise lambda_factor, use solve_dtype float64, or lambda_factor 0 (least squares)")
+        if e < n:  # X L_JJ^T = panel below the diagonal block
+            A[e:, j:e] = torch.linalg.solve_triangular(factor.T, panel[e - j:], upper=True, left=False).to(A.dtype)
+        square = A[j:e, j:e]
+        square.copy_(torch.where(torch.ones_like(square, dtype=torch.bool).tril(), factor.to(A.dtype), square))
+
+
+def _forward_(L: torch.Tensor, Y: torch.Tensor, start: int, block: int) -> None:
+    """Y <- L[start:, start:]^-1 Y in place, L the lower triangle of `L` (Y: (n - start) x k)."""
+    n = L.shape[0]
+    for k in range(start, n, block):
+        e = min(k + block, n)
+        rows = Y[k - start:e - start]
+        if k > start:
+            rows -= L[k:e, start:k].to(Y.dtype) @ Y[:k - start]
+        Y[k - start:e - start] = torch.linalg.solve_triangular(_lower(L, slice(k, e), Y.dtype), rows, upper=False)
+
+
+def _backward_(L: torch.Tensor, Y: torch.Tensor, block: int) -> None:
+    """Y <- L^-T Y in place, L the lower triangle of `L`."""
+    n = L.shape[0]
+    for k in reversed(range(0, n, block)):
+        e = min(k + block, n)
+        rows = Y[k:e]
+        if e < n:
+            rows -= L[e:, k:e].to(Y.dtype).T @ Y[e:]
+        Y[k:e] = torch.linalg.solve_triangular(_lower(L, slice(k, e), Y.dtype).T, rows, upper=True)
+
+
+def cholesky_solve_lower(L: torch.Tensor, rhs: torch.Tensor, *, block: int = BLOCK,
+                         dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(L L^T)^-1 rhs in float64, L the lower triangle of `L` (its strict upper part is ignored)."""
+    Y = rhs.to(dtype, copy=True)
+    _forward_(L, Y, 0, block)
+    _backward_(L, Y, block)
+    return Y.double()
+
+
+def inverse_diagonal(L: torch.Tensor, *, block: int = BLOCK, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """diag((L L^T)^-1)_i = ||L^-1 e_i||^2, L the lower triangle of `L`, one block of columns at a time.
+
+    Column i of L^-1 is zero above row i, so block J needs only the trailing solve L[j:, j:] X = E_J.
+    """
+    n = L.shape[0]
+    out = torch.empty(n, dtype=torch.float64, device=L.device)
+    for j in range(0, n, block):
+        e = min(j + block, n)
+        X = torch.zeros(n - j, e - j, dtype=dtype, device=L.device)
+        X.diagonal().fill_(1)
+        _forward_(L, X, j, block)
+        out[j:e] = X.double().pow(2).sum(0)
     return out
+
+
+def leverage_scores(C: torch.Tensor, lam: float, *, overwrite: bool = False, block: int = BLOCK,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Ridge leverage scores s_j = [C (C + lambda I)^-1]_jj (at lambda = 0: of the projection onto range(C)).
+
+    s = 1 - lambda diag((C + lambda I)^-1). With `overwrite`, the Cholesky factor is written into
+    C's lower triangle (diagonal included) and C's strict upper triangle is kept: the peak is C
+    itself plus O(n * block). Without, C is copied first.
+    At lambda = 0 the scores are diag(V_r V_r^T) over the eigenvectors of the non-negligible
+    eigenvalues: eigh needs C, its eigenvectors and LAPACK's workspace, about 4 n^2 float64 (C is
+    left intact either way).
+    """
+    if lam > 0:
+        A = C if overwrite else C.clone()
+        cholesky_lower_(A, lam, block=block, dtype=dtype)
+        return 1 - lam * inverse_diagonal(A, block=block, dtype=dtype)
+    values, vectors = torch.linalg.eigh(C)
+    kept = values > C.shape[0] * torch.finfo(C.dtype).eps * 10 * values.abs().max()  # pinv's cut-off
+    return vectors[:, kept].pow(2).sum(1)
+
+
+def kept_gram_(A: torch.Tensor, diag: torch.Tensor, keep: torch.Tensor, *, block: int = BLOCK) -> torch.Tensor:
+    """C_SS = C[keep][:, keep], built in place at the start of A's storage; returns that I x I view.
+
+    Reads only A's strict upper triangle (which must hold C) and `diag` = diag(C), so A's lower
+    triangle may hold a factor. Why in place is safe: row block a0..a1 of C_SS is gathered before it
+    is written over flat positions [a0 I, a1 I), and every row of C still to be read, keep[a] >= a >= a1,
+    starts its upper part beyond a1 n >= a1 I; its lower part, C_SS[a, b < a0] = C_SS[b, a], is
+    taken from the rows already written.
+    """
+    n, size = A.shape[0], len(keep)
+    if not A.is_contiguous():
+        raise ValueError("kept_gram_ needs a contiguous matrix")
+    keep = keep.to(A.device)
+    out = A.view(-1)[: size * size].view(size, size)
+    for a0 in range(0, size, block):
+        a1 = min(a0 + block, size)
+        rows = A[keep[a0:a1]][:, keep]  # valid where column keep[b] > keep[a], i.e. b > a
+        sub = rows[:, a0:a1].triu(1)
+        sub = sub + sub.T
+        sub.diagonal().copy_(diag[keep[a0:a1]])
+        rows[:, a0:a1] = sub
+        rows[:, :a0] = out[:a0, a0:a1].T
+        out[a0:a1] = rows
+    return out
+
+
+def spare_storage(A: torch.Tensor, used: int, size: int) -> torch.Tensor | None:
+    """An I x I view of A's storage after its first `used` elements, if A is large enough (else None)."""
+    flat = A.view(-1)
+    if flat.numel() < used + size * size:
+        return None
+    return flat[used:used + size * size].view(size, size)
 
 
 def _cholesky(A: torch.Tensor) -> torch.Tensor:
@@ -194,19 +335,18 @@ def _cholesky(A: torch.Tensor) -> torch.Tensor:
     return factor
 
 
-def leverage_scores(C: torch.Tensor, lam: float) -> torch.Tensor:
-    """Ridge leverage scores s_j = [C (C + lambda I)^-1]_jj (at lambda = 0: of the projection onto range(C))."""
-    if lam > 0:
-        return 1 - lam * torch.cholesky_inverse(_cholesky(_plus_ridge(C, lam))).diagonal()
-    return (C @ _pinv(C)).diagonal()
-
-
 def compensate(C: torch.Tensor, cross: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tensor:
-    """B = (S^T C S + lambda I)^-1 (S^T cross + lambda S^T W); least squares (min norm) at lambda = 0."""
+    """B = (S^T C S + lambda I)^-1 (S^T cross + lambda S^T W); least squares (min norm) at lambda = 0.
+
+    The plain dense formula (several I x I copies): ridge_fit is the memory-frugal path; tests hold
+    both to it.
+    """
     C_SS = C[keep][:, keep]
     rhs = cross[keep] + lam * W[keep]
     if lam > 0:
-        return torch.cholesky_solve(rhs, _cholesky(_plus_ridge(C_SS, lam)))
+        A = C_SS.clone()
+        A.diagonal().add_(lam)
+        return torch.cholesky_solve(rhs, _cholesky(A))
     return _pinv(C_SS) @ rhs
 
 
@@ -228,12 +368,15 @@ class RidgeFit:
     norm2: float  # ||R||^2
     error_plain: float  # ||R - psi_S S^T W||^2: selection alone
     error_compensated: float  # ||R - psi_S B||^2
+    quadratic: tuple[float, float] = (0.0, 0.0)  # <W_S, C_SS W_S>, <B, C_SS B>: the target-free terms
+    solve: dict | None = None  # precision of the solve: dtype, relative residual, condition bound
 
-    def against(self, C: torch.Tensor, cross: torch.Tensor, norm2: float) -> RidgeFit:
-        """The same selection and weights, with the errors measured against another target."""
-        return RidgeFit(self.keep, self.weight, self.plain_weight, self.lam, norm2,
-                        fit_error(C, cross, norm2, self.keep, self.plain_weight),
-                        fit_error(C, cross, norm2, self.keep, self.weight))
+    def against(self, cross: torch.Tensor, norm2: float) -> RidgeFit:
+        """The same selection and weights, with the errors measured against another target (cross = psi^T R)."""
+        cross_S = cross[self.keep.to(cross.device)]
+        plain, compensated = (max(norm2 - 2 * float((w * cross_S).sum()) + q, 0.0)
+                              for w, q in zip((self.plain_weight, self.weight), self.quadratic))
+        return replace(self, norm2=norm2, error_plain=plain, error_compensated=compensated)
 
     def summary(self, tokens: int) -> dict:
         """Squared errors summed over tokens, and relative errors ||R - R_hat|| / ||R||."""
@@ -251,17 +394,75 @@ class RidgeFit:
 
 
 def ridge_fit(C: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, lam: float,
-              cross: torch.Tensor | None = None, norm2: float | None = None) -> RidgeFit:
-    """Compensated weights for the kept features; target psi W unless `cross`/`norm2` give another."""
+              cross: torch.Tensor | None = None, norm2: float | None = None, *, overwrite: bool = False,
+              diag: torch.Tensor | None = None, block: int = BLOCK, dtype: torch.dtype = torch.float64) -> RidgeFit:
+    """Compensated weights for the kept features; target psi W unless `cross`/`norm2` give another.
+
+    With `overwrite`, C's storage is reused: C_SS is gathered into its start (kept_gram_, reading
+    only C's strict upper triangle and `diag`, default diag(C)) and the factor of C_SS + lambda I goes
+    into the storage after it, so nothing of n^2 size is allocated. C is garbage afterwards.
+    `dtype` is the precision of the factorisation and the triangular solves; the errors and the
+    residual check are always float64. At lambda = 0 the min-norm least-squares solution uses pinv
+    (an eigendecomposition of C_SS: several I x I matrices).
+    """
     if cross is None:
+        if diag is not None:
+            raise ValueError("ridge_fit: with a factored C (diag given), pass cross = C W computed before factoring")
         CW = C @ W
         cross, norm2 = CW, float((W * CW).sum())
-    B = compensate(C, cross, W, keep, lam)
+    keep = keep.to(C.device)
+    if overwrite:
+        C_SS = kept_gram_(C, C.diagonal().clone() if diag is None else diag, keep, block=block)
+    else:
+        C_SS = C[keep][:, keep]
+    W_S, cross_S = W[keep], cross[keep]
+    rhs = cross_S + lam * W_S
+    solve = {"dtype": str(dtype).removeprefix("torch.")}
+    if lam > 0:
+        size = len(keep)
+        L = spare_storage(C, size * size, size) if overwrite else None
+        L = torch.empty_like(C_SS) if L is None else L
+        L.copy_(C_SS)
+        cholesky_lower_(L, lam, block=block, dtype=dtype)
+        B = cholesky_solve_lower(L, rhs, block=block, dtype=dtype)
+        del L
+        # a posteriori: ||B - B*|| / ||B*|| <= kappa ||r|| / ||rhs||, and the eigenvalues of C_SS + lambda I
+        # lie in [lambda, trace(C_SS) + lambda], so kappa <= 1 + trace(C_SS) / lambda (<= 1 + n / lambda_factor)
+        solve["condition_bound"] = 1 + float(torch.trace(C_SS)) / lam
+    else:
+        B = _pinv(C_SS) @ rhs
+        solve["condition_bound"] = None
     if not torch.isfinite(B).all():
         raise FloatingPointError("the compensation solve returned non-finite weights")
-    W_S = W[keep]
-    return RidgeFit(keep, B, W_S, lam, norm2,
-                    fit_error(C, cross, norm2, keep, W_S), fit_error(C, cross, norm2, keep, B))
+    CB, CW_S = C_SS @ B, C_SS @ W_S
+    rhs_norm = float(rhs.norm())
+    solve["relative_residual"] = float((CB + lam * B - rhs).norm()) / rhs_norm if rhs_norm > 0 else 0.0
+    if solve["condition_bound"] is not None:
+        solve["forward_error_bound"] = solve["condition_bound"] * solve["relative_residual"]
+    quadratic = (float((W_S * CW_S).sum()), float((B * CB).sum()))
+    del C_SS, CB, CW_S
+    fit = RidgeFit(keep, B, W_S, lam, norm2, 0.0, 0.0, quadratic, solve)
+    return fit.against(cross, norm2)
+
+
+def select_channels(C: torch.Tensor, W: torch.Tensor, keep_count: int, lam: float,
+                    cross: torch.Tensor | None = None, norm2: float | None = None, *, block: int = BLOCK,
+                    dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, RidgeFit, RidgeFit]:
+    """The MLP-channel step on C's own storage: (leverage scores, fit to the target, the fit vs psi W).
+
+    Everything that needs the whole of C (C W, diag(C)) is taken before C's lower triangle becomes
+    the factor; then C_SS is rebuilt from the strict upper triangle. Peak: C (n^2 float64) plus
+    O(n * block + n * hidden). C is garbage afterwards.
+    """
+    diag = C.diagonal().clone()
+    CW = C @ W
+    flat_norm2 = float((W * CW).sum())
+    if cross is None:
+        cross, norm2 = CW, flat_norm2
+    scores = leverage_scores(C, lam, overwrite=True, block=block, dtype=dtype)
+    keep = top_k_in_order(scores, keep_count)
+    fit = ridge_fit(C, W, keep, lam, cross, norm2, overwrite=True, diag=diag, block=block, dtype=dtype)
+    return scores, fit, fit.against(CW, flat_norm2)
 
 
 # ----------------------------------------------------------------------------- slicing the block

@@ -158,3 +158,37 @@ def test_sample_generations_on_a_real_model():
     for sample in first:
         assert isinstance(sample["completion"], str) and sample["completion"].strip()
         assert 1 <= sample["n_new_tokens"] <= 12
+
+
+def test_interrupted_measurement_resumes_with_the_remaining_rounds(tmp_path, monkeypatch):
+    """Killed in the second timed decode round: the rerun reuses the memory pass and the finished rounds."""
+    dense = make_model(tmp_path / "dense", "llama")
+    small = make_model(tmp_path / "small", "llama", num_layers=2)
+    dirs, options = {"dense": dense, "compressed": small}, {**SMALL, "repeats": 3}
+    original, calls = speed._decode_seconds, []
+
+    def killed(*args):
+        calls.append(1)
+        # 3 memory-pass decodes (one discarded), 2 warm-up, 2 in round 0, the first of round 1
+        if len(calls) == 8:
+            raise KeyboardInterrupt("simulated kill")
+        return original(*args)
+
+    monkeypatch.setattr(speed, "_decode_seconds", killed)
+    with pytest.raises(KeyboardInterrupt):
+        measure_speed(dirs, state_dir=tmp_path / "state", resume_key="k", **options)
+    monkeypatch.setattr(speed, "_decode_seconds", original)
+    assert (tmp_path / "state" / "state.json").is_file()
+
+    other = measure_speed(dirs, state_dir=tmp_path / "other", resume_key="another checkpoint", **options)
+    assert other["resume"] == {"memory_pass": [], "resumed": False,
+                               "timed_runs": {n: {"prefill": 0, "decode": 0} for n in dirs}}
+    resumed = measure_speed(dirs, state_dir=tmp_path / "state", resume_key="k", **options)
+    assert not (tmp_path / "state").exists(), "the state is removed once the measurement is complete"
+    assert resumed["resume"] == {"memory_pass": ["dense", "compressed"], "resumed": True,
+                                 "timed_runs": {n: {"prefill": 3, "decode": 1} for n in dirs}}
+    assert resumed.keys() == other.keys() and resumed["settings"] == other["settings"]
+    for name in dirs:
+        assert resumed["models"][name].keys() == other["models"][name].keys()
+        assert len(resumed["models"][name]["decode_ms_per_token_runs"]) == 3
+        assert len(resumed["models"][name]["prefill_tokens_per_s_runs"]) == 3

@@ -9,14 +9,22 @@ compare like with like (same threads, same clocks, same random prompt, same mome
 Prefill keeps only the last position's logits (`logits_to_keep=1`), as generation does: the
 vocabulary projection over every prompt position is work a serving stack never does and depth
 compression does not touch.
+
+Resuming: with `state_dir`, each model's memory pass and every finished timed round are saved to
+`state_dir/state.json` (keyed by the models, their fingerprints and every setting). A rerun after
+an interruption reuses them, runs the warm-up rounds again (a fresh process is cold) and then only
+the remaining timed rounds, continuing the same rotation of model order; the record's `resume`
+says what was reused. The state directory is removed when the measurement is complete.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
+import shutil
 import statistics
 import threading
 import time
@@ -89,6 +97,42 @@ class _RssSampler:
     @property
     def increase_mib(self) -> float:
         return (self.peak - self.baseline) / MIB
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+class _Progress:
+    """Memory passes and timed rounds finished so far, saved after each one when `state_dir` is set."""
+
+    def __init__(self, state_dir: str | Path | None, key: str):
+        self.state_dir, self.key = (Path(state_dir) if state_dir is not None else None), key
+        self.footprints: dict[str, dict] = {}
+        self.seconds: dict[str, dict[str, list[float]]] | None = None
+        if self.state_dir is None:
+            return
+        try:
+            state = json.loads((self.state_dir / "state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            state = None
+        if state is not None and state.get("key") == self.key:
+            self.footprints, self.seconds = state["footprints"], state["seconds"]
+            return
+        if state is not None:
+            logger.info("discarding the resume state in %s: it was made for other models or settings", self.state_dir)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        self.state_dir.mkdir(parents=True)
+
+    def save(self) -> None:
+        if self.state_dir is not None:
+            from .provenance import write_json
+
+            write_json(self.state_dir / "state.json",
+                       {"key": self.key, "footprints": self.footprints, "seconds": self.seconds})
+
+    def finish(self) -> None:
+        if self.state_dir is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -212,7 +256,8 @@ def _rotations(names: list[str], rounds: int):
 
 def _timings(model_dirs: dict, configs: dict, *, device: torch.device, dtype: torch.dtype, batch_size: int,
              prompt_len: int, decode_tokens: int, warmup: int, repeats: int, seed: int,
-             interleave: bool) -> dict[str, dict[str, list[float]]]:
+             interleave: bool, done: dict | None = None,
+             on_round: Callable[[dict], None] | None = None) -> dict[str, dict[str, list[float]]]:
     """Seconds of every timed prefill and decode run, per model.
 
     Interleaved, all models stay loaded and each round times every model once (prefill rounds,
@@ -221,21 +266,32 @@ def _timings(model_dirs: dict, configs: dict, *, device: torch.device, dtype: to
     first in a sequential schedule was ~10% slower than the same checkpoint timed again later,
     which moved the dense-to-compressed ratio above its ideal. Sequential (`interleave=False`)
     holds one model at a time, for models that do not fit on the device together.
+
+    `done` holds the seconds of rounds finished before an interruption: those rounds are skipped
+    (after the warm-up, which a fresh process needs again) and the rotation continues where it was;
+    `on_round` gets the seconds so far after every timed round.
     """
     now = _clock(device)
     names = list(model_dirs)
-    seconds = {name: {"prefill": [], "decode": []} for name in names}
+    seconds = done or {name: {"prefill": [], "decode": []} for name in names}
     runs = {"prefill": lambda model, ids: _prefill_seconds(model, ids, now),
             "decode": lambda model, ids: _decode_seconds(model, ids, decode_tokens, now)}
 
     def timed(loaded: dict, order_names: list[str]) -> None:
         for kind, run in runs.items():
+            finished = len(seconds[order_names[0]][kind])  # a round times every model in it, or none is saved
+            if finished >= repeats:
+                continue
             for order in _rotations(order_names, warmup):
                 for name in order:
                     run(*loaded[name])
-            for order in _rotations(order_names, repeats):
+            for index, order in enumerate(_rotations(order_names, repeats)):
+                if index < finished:
+                    continue
                 for name in order:
                     seconds[name][kind].append(run(*loaded[name]))
+                if on_round is not None:
+                    on_round(seconds)
 
     def ready(name: str) -> tuple:
         return _load(model_dirs[name], device, dtype), _prompt(configs[name], batch_size, prompt_len, seed, device)
@@ -246,6 +302,8 @@ def _timings(model_dirs: dict, configs: dict, *, device: torch.device, dtype: to
         del loaded
     else:
         for name in names:
+            if all(len(seconds[name][kind]) >= repeats for kind in runs):
+                continue  # measured before an interruption: not even loaded
             loaded = {name: ready(name)}
             timed(loaded, [name])
             del loaded
@@ -258,7 +316,8 @@ def _timings(model_dirs: dict, configs: dict, *, device: torch.device, dtype: to
 
 def measure_speed(model_dirs: dict[str, str | Path], *, device: str = "cpu", dtype: str = "float32",
                   batch_size: int = 1, prompt_len: int = 256, decode_tokens: int = 32, warmup: int = 2,
-                  repeats: int = 5, seed: int = 0, interleave: bool = True) -> dict:
+                  repeats: int = 5, seed: int = 0, interleave: bool = True, state_dir: str | Path | None = None,
+                  resume_key: str | None = None) -> dict:
     """Prefill throughput, decode latency (KV cache on) and peak memory of each named checkpoint.
 
     Every model runs on the same seeded random prompt of `batch_size` x `prompt_len` token ids;
@@ -267,6 +326,8 @@ def measure_speed(model_dirs: dict[str, str | Path], *, device: str = "cpu", dty
     untimed and `repeats` timed rounds, interleaved across models unless `interleave` is False.
     Figures are medians over the timed runs. When one model is named "dense", every other model
     gets its speedups over it beside the ideal L_dense / L_model.
+    With `state_dir`, finished parts are saved and a rerun resumes (module docstring); `resume_key`
+    (e.g. a hash of the checkpoints' fingerprints) must change whenever a checkpoint does.
     """
     if not isinstance(interleave, bool):
         raise ValueError(f"interleave must be true or false, got {interleave!r}")
@@ -282,19 +343,43 @@ def measure_speed(model_dirs: dict[str, str | Path], *, device: str = "cpu", dty
                 "torch_version": torch.__version__}
     shape = dict(device=torch_device, dtype=torch_dtype, batch_size=batch_size, prompt_len=prompt_len,
                  decode_tokens=decode_tokens, seed=seed)
+    from .provenance import json_sha256
+
+    progress = _Progress(state_dir, json_sha256({"settings": settings, "resume_key": resume_key,
+                                                 "model_dirs": {k: str(v) for k, v in model_dirs.items()}}))
+    # What an interrupted run had finished; the same fields, all empty, in an uninterrupted run.
+    done = progress.seconds or {}
+    reused = {"memory_pass": [name for name in model_dirs if name in progress.footprints],
+              "timed_runs": {name: {kind: len(done.get(name, {}).get(kind, [])) for kind in ("prefill", "decode")}
+                             for name in model_dirs}}
+    reused["resumed"] = bool(reused["memory_pass"]) or any(n for runs in reused["timed_runs"].values()
+                                                            for n in runs.values())
+    if reused["resumed"]:
+        logger.info("resuming from saved progress in %s: memory pass of %s reused, timed runs done %s (of %d)",
+                    state_dir, ", ".join(reused["memory_pass"]) or "no model", reused["timed_runs"], repeats)
     models = {}
-    if torch_device.type == "cpu":
+    if torch_device.type == "cpu" and len(progress.footprints) < len(model_dirs):
         # The first model loaded in a process pays one-time costs (thread pools, allocator arenas,
         # lazy library state) that an RSS increase charges to it: the same SmolLM2 checkpoint
         # measured 648 MiB first and 565 MiB second. One discarded pass takes them out.
         first = next(iter(model_dirs))
         _footprint(model_dirs[first], configs[first], **shape)
     for name, model_dir in model_dirs.items():
+        if name in progress.footprints:
+            models[name] = dict(progress.footprints[name])
+            continue
         models[name] = _footprint(model_dir, configs[name], **shape)
+        progress.footprints[name] = dict(models[name])
+        progress.save()
         logger.info("%s: %d layers, %d parameters, peak memory %.1f MiB (%s)", name, models[name]["num_layers"],
                     models[name]["parameters"], models[name]["peak_memory_mib"], models[name]["memory_method"])
     logger.info("timing %d warm-up and %d timed rounds, %s", warmup, repeats, settings["schedule"])
-    seconds = _timings(model_dirs, configs, warmup=warmup, repeats=repeats, interleave=interleave, **shape)
+    def saved(seconds: dict) -> None:
+        progress.seconds = seconds
+        progress.save()
+
+    seconds = _timings(model_dirs, configs, warmup=warmup, repeats=repeats, interleave=interleave,
+                       done=progress.seconds, on_round=saved, **shape)
     for name, record in models.items():
         prefill_tps = [batch_size * prompt_len / s for s in seconds[name]["prefill"]]
         decode_ms = [s / decode_tokens * 1000 for s in seconds[name]["decode"]]
@@ -302,7 +387,7 @@ def measure_speed(model_dirs: dict[str, str | Path], *, device: str = "cpu", dty
                       decode_ms_per_token=statistics.median(decode_ms), decode_ms_per_token_runs=decode_ms)
         logger.info("%s: prefill %.1f tokens/s, decode %.3f ms/token", name, record["prefill_tokens_per_s"],
                     record["decode_ms_per_token"])
-    result = {"settings": settings, "models": models}
+    result = {"settings": settings, "models": models, "resume": reused}
     if "dense" in models:
         dense = models["dense"]
         result["ratios"] = {
@@ -311,6 +396,7 @@ def measure_speed(model_dirs: dict[str, str | Path], *, device: str = "cpu", dty
                    "ideal_speedup": dense["num_layers"] / record["num_layers"]}
             for name, record in models.items() if name != "dense"
         }
+    progress.finish()
     return result
 
 

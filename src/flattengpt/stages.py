@@ -219,8 +219,13 @@ def zero_shot_stage(model_json: str | Path, model_dir: str | Path | None, task: 
 
 
 def speed_stage(model_json: str | Path, model_dir: str | Path, options: dict, compute: dict, out_json: str | Path,
-                provenance: dict) -> dict:
-    """Prefill throughput and decode latency of the dense and the compressed model, in interleaved rounds."""
+                provenance: dict, state_dir: str | Path | None = None) -> dict:
+    """Prefill throughput and decode latency of the dense and the compressed model, in interleaved rounds.
+
+    With `state_dir`, the memory pass and finished timed rounds are saved there and a rerun after an
+    interruption measures only what is left (the record's `resume` says so).
+    """
+    from .provenance import json_sha256
     from .speed import measure_speed
 
     dense, inputs = _evaluated(model_json, None)
@@ -228,7 +233,8 @@ def speed_stage(model_json: str | Path, model_dir: str | Path, options: dict, co
     settings = {key: options[key]
                 for key in ("batch_size", "prompt_len", "decode_tokens", "warmup", "repeats", "interleave")}
     record = measure_speed({"dense": dense, "compressed": str(model_dir)}, device=compute["device"],
-                           dtype=compute["dtype"], **settings)
+                           dtype=compute["dtype"], state_dir=state_dir,
+                           resume_key=json_sha256({**inputs, **compressed_inputs}), **settings)
     record["provenance"] = {**provenance, "inputs": {**inputs, **compressed_inputs}}
     write_json(out_json, record)
     return record

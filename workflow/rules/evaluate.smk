@@ -65,6 +65,8 @@ rule speed:
     params:
         options=config["evaluation"]["speed"],
         compute=eval_compute,
+        # Finished timed rounds live outside the declared output, which Snakemake deletes before a rerun.
+        state_dir="results/{model}/{calib}/{target}/{method}/eval/.resume/speed",
     # Timings need the machine to themselves: ask for all cores, so no other job runs beside it.
     threads: all_cores()
     resources:

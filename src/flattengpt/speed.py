@@ -202,11 +202,16 @@ def _validate(model_dirs: dict, *, batch_size: int, prompt_len: int, decode_toke
     return configs
 
 
-def _load(model_dir: str | Path, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
+def _load(model_dir: str | Path, device: torch.device, dtype: torch.dtype, *, device_map: str | None = None,
+          max_memory: dict | None = None):
+    """The model on `device`, or spread over the node's GPUs by `device_map` (flattengpt.inference).
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval()
+    With a device map, inputs belong on `inference.input_device(model)` and a CUDA clock must wait
+    for every device the model uses (`inference.synchronize(model)`), not only `device`.
+    """
+    from .inference import load_causal_lm
+
+    return load_causal_lm(model_dir, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
 
 
 def _prompt(config, batch_size: int, prompt_len: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -404,29 +409,41 @@ def measure_speed(model_dirs: dict[str, str | Path], *, device: str = "cpu", dty
 
 
 @torch.inference_mode()
-def sample_generations(model_dir: str | Path, prompts: list[str], *, max_new_tokens: int = 48,
-                       device: str = "cpu", dtype: str = "float32") -> list[dict]:
-    """Greedy completions of fixed prompts: a qualitative look at what compression did to the text.
-
-    Prompts run one at a time, so no padding side or attention-mask subtleties enter; greedy
-    decoding makes the output a deterministic function of the checkpoint.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def generate_samples(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 48) -> list[dict]:
+    """Greedy completions of `prompts` by a loaded model, one prompt at a time (see sample_generations)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
-    torch_device = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype), attn_implementation="sdpa")
-    model = model.to(torch_device).eval()
+    from .inference import input_device
+
     pad_token_id = tokenizer.pad_token_id
     if pad_token_id is None:
         pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+    device = input_device(model)  # the embedding's device: the model's only one unless a device map spreads it
     samples = []
     for prompt in prompts:
-        encoded = tokenizer(prompt, return_tensors="pt").to(torch_device)
+        encoded = tokenizer(prompt, return_tensors="pt").to(device)
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
         new_tokens = output[0, encoded["input_ids"].shape[1]:]
         samples.append({"prompt": prompt, "completion": tokenizer.decode(new_tokens, skip_special_tokens=True),
                         "n_new_tokens": int(new_tokens.numel())})
     return samples
+
+
+def sample_generations(model_dir: str | Path, prompts: list[str], *, max_new_tokens: int = 48,
+                       device: str = "cpu", dtype: str = "float32", device_map: str | None = None,
+                       max_memory: dict | None = None) -> list[dict]:
+    """Greedy completions of fixed prompts: a qualitative look at what compression did to the text.
+
+    Prompts run one at a time, so no padding side or attention-mask subtleties enter; greedy
+    decoding makes the output a deterministic function of the checkpoint. `device_map` and
+    `max_memory` spread the model over several devices (flattengpt.inference.load_causal_lm).
+    """
+    from transformers import AutoTokenizer
+
+    from .inference import load_causal_lm
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_causal_lm(model_dir, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
+    return generate_samples(model, tokenizer, prompts, max_new_tokens=max_new_tokens)

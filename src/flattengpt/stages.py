@@ -208,7 +208,8 @@ def zero_shot_stage(model_json: str | Path, model_dir: str | Path | None, task: 
     record = evaluate_task(path, task, data_dir=options.get("data_dir"), limit=options.get("limit"),
                            num_fewshot=options["num_fewshot"], batch_size=options["batch_size"],
                            device=str(resolve_device(compute["device"])), dtype=compute["dtype"],
-                           resume_cache=cache)
+                           resume_cache=cache, device_map=compute.get("device_map"),
+                           max_memory=compute.get("max_memory"))
     for stale in resume_dir.glob(f"zero_shot.{task}.*"):
         stale.unlink()
     if record["data_file"]:
@@ -242,16 +243,27 @@ def speed_stage(model_json: str | Path, model_dir: str | Path, options: dict, co
 
 def generation_stage(model_json: str | Path, model_dir: str | Path | None, options: dict, compute: dict,
                      out_json: str | Path, provenance: dict) -> dict:
-    """Greedy completions of fixed prompts, to eyeball what compression did to the model's text."""
+    """Greedy completions of fixed prompts, to eyeball what compression did to the model's text.
+
+    `compute` may carry `device_map` and `max_memory` (evaluation.device_map / max_memory) to spread
+    the model over several GPUs; the record's `device_map` says where it ran (null: on `device`).
+    """
+    from transformers import AutoTokenizer
+
     from .blockwise import resolve_device
-    from .speed import sample_generations
+    from .inference import device_map_summary, load_causal_lm
+    from .speed import generate_samples
 
     path, inputs = _evaluated(model_json, model_dir)
     device = str(resolve_device(compute["device"]))
-    outputs = sample_generations(path, list(options["prompts"]), max_new_tokens=options["max_new_tokens"],
-                                 device=device, dtype=compute["dtype"])
+    device_map, max_memory = compute.get("device_map"), compute.get("max_memory")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_causal_lm(path, device=device, dtype=compute["dtype"], device_map=device_map, max_memory=max_memory)
+    outputs = generate_samples(model, tokenizer, list(options["prompts"]), max_new_tokens=options["max_new_tokens"])
+    placement = None if device_map is None else device_map_summary(model, device_map, max_memory)
+    del model
     record = {"outputs": outputs, "max_new_tokens": options["max_new_tokens"], "greedy": True,
-              "device": device, "dtype": compute["dtype"], "model_dir": path,
+              "device": device, "dtype": compute["dtype"], "device_map": placement, "model_dir": path,
               "provenance": {**provenance, "inputs": inputs}}
     write_json(out_json, record)
     return record

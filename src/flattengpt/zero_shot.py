@@ -102,12 +102,20 @@ def headline_metric(metrics: dict) -> str:
 def evaluate_task(model_dir: str | Path, task: str, *, data_dir: str | Path | None = None,
                   limit: int | float | None = None, num_fewshot: int = 0, batch_size: int | str = 16,
                   device: str = "cpu", dtype: str = "float32", seed: int = 1234,
-                  resume_cache: str | Path | None = None) -> dict:
+                  resume_cache: str | Path | None = None, device_map: str | None = None,
+                  max_memory: dict | None = None) -> dict:
     """Zero-shot score of the checkpoint in `model_dir` on one task, as a JSON-able record.
 
     `resume_cache` (a path prefix) keeps every scored request in lm-eval's SQLite request cache as
     it is computed, so a killed run resumes where it stopped. The caller must make the prefix unique
     to the model, dtype and task: lm-eval keys the cache by request text alone.
+
+    `device_map` (with `max_memory`) spreads the model over the GPUs of a node. The model is then
+    loaded by flattengpt.inference.load_causal_lm, as speed and generation load it, and handed to
+    HFLM as a model object; lm-eval puts its inputs on the model's first parameter, the embedding
+    (checked below). lm-eval's own `parallelize=True` is not used: it takes one memory cap for
+    every GPU and, with no GPU visible, passes accelerate an empty `max_memory`, which offloads the
+    whole model to disk.
     """
     version = lm_eval_version()
     from lm_eval import simple_evaluate
@@ -115,7 +123,19 @@ def evaluate_task(model_dir: str | Path, task: str, *, data_dir: str | Path | No
     from lm_eval.tasks import TaskManager
 
     started = time.perf_counter()
-    lm = HFLM(pretrained=str(model_dir), device=device, dtype=dtype, batch_size=batch_size)
+    placement = None
+    if device_map is None and max_memory is None:  # lm-eval loads the checkpoint itself, as it always did
+        lm = HFLM(pretrained=str(model_dir), device=device, dtype=dtype, batch_size=batch_size)
+    else:
+        from .inference import device_map_summary, input_device, load_causal_lm
+
+        # attn_implementation=None: transformers' default, as lm-eval's own loading uses
+        model = load_causal_lm(model_dir, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                               attn_implementation=None)
+        placement = device_map_summary(model, device_map, max_memory)
+        lm = HFLM(pretrained=model, batch_size=batch_size)  # the tokenizer comes from model.name_or_path
+        if lm.device != input_device(model):
+            raise RuntimeError(f"lm-eval would send inputs to {lm.device}, the embedding is on {input_device(model)}")
     task_obj = build_task(task, data_dir)
     # a built local task needs no registry: skip indexing lm-eval's thousands of stock YAMLs (10-20 s a call)
     task_manager = None if isinstance(task_obj, str) else TaskManager(include_defaults=False)
@@ -147,6 +167,7 @@ def evaluate_task(model_dir: str | Path, task: str, *, data_dir: str | Path | No
         "batch_size": batch_size,
         "device": device,
         "dtype": dtype,
+        "device_map": placement,
         "seconds": round(time.perf_counter() - started, 1),
     }
     log.info("%s (%s): %s = %.4f +- %.4f on %s items", task, source, metric, record["value"],

@@ -85,12 +85,21 @@ def checkpoint_input(wildcards):
 
 
 def eval_compute(wildcards):
-    """Device and dtype of evaluation (evaluation.dtype, else compute.dtype)."""
-    return {"device": config["compute"]["device"],
-            "dtype": config["evaluation"]["dtype"] or config["compute"]["dtype"]}
+    """Device and dtype of evaluation (evaluation.dtype, else compute.dtype), and the device map if any.
+
+    evaluation.device_map / max_memory are passed only when set, so the params (and hence the
+    results) of configs without them stay as they were.
+    """
+    evaluation = config["evaluation"]
+    compute = {"device": config["compute"]["device"], "dtype": evaluation["dtype"] or config["compute"]["dtype"]}
+    for key in ("device_map", "max_memory"):
+        if evaluation.get(key) is not None:
+            compute[key] = evaluation[key]
+    return compute
 
 
 def zero_shot_compute(wildcards):
+    """eval_compute, with evaluation.zero_shot.dtype in place of the dtype when set."""
     compute = eval_compute(wildcards)
     return {**compute, "dtype": config["evaluation"]["zero_shot"]["dtype"] or compute["dtype"]}
 

@@ -9,6 +9,8 @@ rule calibration:
         spec=calibration_spec,
     log:
         "results/{model}/{calib}/logs/calibration.log",
+    # Cheap, and hub datasets need the internet, which compute nodes often lack.
+    localrule: True
     conda:
         "../../envs/flattengpt.yaml"
     script:

@@ -39,7 +39,24 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+# Locally, Snakemake ignores `resources: gpu` unless `--resources gpu=N` is given, and a job does not
+# pick a card of its own (device auto/cuda is cuda:0), so GPU jobs would run on one card at once and
+# run out of memory. Unless the user gave a gpu limit, or compute.share_gpu allows it, local GPU
+# jobs (each asks for one slot, see stage_resources) run one at a time. Cluster jobs get their own GPUs.
+if (workflow.is_main_process and not cluster_run() and "gpu" not in workflow.global_resources
+        and not config["compute"]["share_gpu"]):
+    workflow.register_resource("gpu", 1)
+
+
 rule all:
     default_target: True
     input:
         all_outputs(),
+
+
+onstart:
+    # Under the Slurm executor, never submit beside live jobs of a killed run (flattengpt/slurm.py).
+    if workflow.executor_plugin is not None and workflow.executor_plugin.cli_prefix == "slurm":
+        from flattengpt.slurm import refuse_orphans
+
+        refuse_orphans(".")

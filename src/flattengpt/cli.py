@@ -3,6 +3,8 @@
     flattengpt plan RESULTS_PATH          the flattening plan(s): groups, removed blocks, parameters, greedy steps
     flattengpt similarity RESULTS_PATH    the most similar residual points, the lowest block influence
     flattengpt show RESULTS_DIR           both, for every similarity/ folder and plan.json below RESULTS_DIR
+    flattengpt resources CONFIG_JSON      GPU memory, host memory, disk, GPUs and runtime of every heavy stage
+    flattengpt resources-table            the README's sizing table (LLaMA-2 7B/13B/70B); --readme rewrites it
 
 Only pandas and numpy are imported (no torch), so looking at results is instant.
 """
@@ -205,11 +207,75 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_cancel_orphans(args) -> int:
+    from .slurm import OrphanJobsError, cancel_orphans
+
+    try:
+        jobs = cancel_orphans(args.directory, dry_run=args.dry_run)
+    except OrphanJobsError as err:
+        raise CliError(str(err)) from err
+    verb = "live" if args.dry_run else "cancelled"
+    for job in jobs:
+        print(f"{verb}: {job.describe()}")
+    if not jobs:
+        print("no live Slurm jobs of earlier runs of this directory")
+    return 0
+
+
 def _try(finder, path) -> list[Path]:
     try:
         return finder(path)
     except CliError:
         return []
+
+
+def cmd_resources(args) -> int:
+    from . import sizing
+
+    try:
+        shapes = sizing.Shapes.from_config(sizing.model_config(args.config_json), where=str(args.config_json))
+        overrides = {key: value for key, value in (
+            ("n_samples", args.n_samples), ("seq_len", args.seq_len), ("dtype", args.dtype),
+            ("batch_size", args.batch_size), ("store_dtype", args.store_dtype), ("device", args.device),
+            ("group_size", args.group_size)) if value is not None}
+        if args.dtype is not None:  # evaluation.dtype null follows compute.dtype
+            overrides.update(eval_dtype=args.dtype, zero_shot_dtype=args.dtype)
+        if args.max_tokens is not None:
+            overrides["max_tokens"] = None if args.max_tokens == 0 else args.max_tokens
+        if args.gpu_memory_gb is not None:
+            overrides["gpu_memory_bytes"] = int(args.gpu_memory_gb * sizing.GIB)
+        k = args.remove_blocks
+        if k is None and args.ratio is not None:
+            k = shapes.remove_blocks_for(args.ratio)
+        settings = sizing.default_settings(remove_blocks=k, **overrides)
+    except (sizing.SizingError, OSError, ValueError) as err:
+        raise CliError(str(err)) from err
+    print(f"{args.config_json}: {shapes.model_type}, {shapes.num_layers} blocks, hidden {shapes.hidden}, "
+          f"intermediate {shapes.intermediate}, heads {shapes.heads} (KV {shapes.kv_heads}, head_dim {shapes.head_dim}), "
+          f"vocab {shapes.vocab}, tied embeddings {shapes.tied}, stored as {shapes.weight_dtype}")
+    print(f"parameters: {shapes.total_params:,} ({shapes.block_params:,} per block); k = {k or 0} blocks removed")
+    print(sizing.settings_line(settings))
+    rows, notes = [], []
+    for stage in sizing.STAGES:
+        need = sizing.stage_need(stage, shapes, settings)
+        rows.append((stage, need.gpus, round(need.device_bytes / sizing.GIB, 1), round(need.host_bytes / sizing.GIB, 1),
+                     round(need.disk_bytes / sizing.GIB, 1), need.minutes, need.mem_mb))
+        notes += need.notes
+    print(table(["stage", "GPUs", "GPU GiB", "host GiB", "disk GiB", "runtime min", "mem_mb"], rows))
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_resources_table(args) -> int:
+    from . import sizing
+
+    if args.readme:
+        changed = sizing.update_readme(args.readme)
+        print(f"{args.readme}: sizing section {'rewritten' if changed else 'already current'}")
+        return 0
+    print(sizing.paper_table())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,6 +297,32 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("path", metavar="RESULTS_DIR")
     show.add_argument("--top", type=int, default=10)
     show.set_defaults(func=cmd_show)
+
+    res = commands.add_parser("resources", help="what each heavy stage needs for a model, from its config.json")
+    res.add_argument("config_json", metavar="CONFIG_JSON",
+                     help="a Hugging Face config.json, the model directory, or a results/{model}/model.json")
+    res.add_argument("--n-samples", type=int, help="calibration sequences (schema default otherwise)")
+    res.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
+    res.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute and evaluation dtype")
+    res.add_argument("--batch-size", type=int, help="compute.batch_size")
+    res.add_argument("--store-dtype", choices=["float32", "bfloat16", "float16"], help="activations.store_dtype")
+    res.add_argument("--max-tokens", type=int, help="activations.max_tokens (0: store every token)")
+    res.add_argument("--device", help="compute.device (cpu puts everything in host memory)")
+    res.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU (cluster.gpu_memory_gb)")
+    res.add_argument("--remove-blocks", type=int, help="k, blocks the plan removes")
+    res.add_argument("--ratio", type=float, help="or the fraction of parameters removed (gives k)")
+    res.add_argument("--group-size", type=int, help="blocks per flattened group (default 2)")
+    res.set_defaults(func=cmd_resources)
+
+    res_table = commands.add_parser("resources-table", help="the README sizing table: LLaMA-2 7B/13B/70B")
+    res_table.add_argument("--readme", metavar="README", help="rewrite the sizing section of this README instead")
+    res_table.set_defaults(func=cmd_resources_table)
+
+    orphans = commands.add_parser(
+        "cancel-orphans", help="scancel the Slurm jobs that killed Snakemake runs of this directory left running")
+    orphans.add_argument("--directory", default=".", help="the workflow's working directory (default .)")
+    orphans.add_argument("--dry-run", action="store_true", help="list the jobs, cancel nothing")
+    orphans.set_defaults(func=cmd_cancel_orphans)
     return parser
 
 

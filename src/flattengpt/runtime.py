@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import Any
 
+from .joblock import claim_output
 from .provenance import provenance
 
 
@@ -51,6 +52,8 @@ def start_job(snakemake) -> logging.Logger:
         pass
     logger = logging.getLogger(f"flattengpt.{snakemake.rule}")
     logger.info("rule %s, wildcards %s", snakemake.rule, dict(snakemake.wildcards.items()))
+    # One writer per output: refuse to run beside a live copy left by a killed Snakemake (joblock.py).
+    claim_output(snakemake.output[0])
     return logger
 
 

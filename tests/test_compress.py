@@ -271,3 +271,53 @@ def test_source_dtype_is_kept(tmp_path):
     assert {t.dtype for t in all_tensors(tmp_path / "out").values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     assert any("group 1 (blocks 1-2) done" in m and "MLP" in m for m in messages)
+
+
+def test_untouched_blocks_are_bit_exact_and_targets_are_formed_in_float32(tmp_path, monkeypatch):
+    """float16 checkpoint, bfloat16 compute: blocks 0 and 3 are the stored bytes; y - h is not rounded to bfloat16."""
+    model_dir = make_model(tmp_path, "llama")
+    AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float16).save_pretrained(tmp_path / "fp16")
+    targets = []
+    original_add = prune.Gram.add
+
+    def spy(self, features, target=None):
+        if target is not None:
+            targets.append(target.clone())
+        return original_add(self, features, target)
+
+    monkeypatch.setattr(prune.Gram, "add", spy)
+    compress_model(tmp_path / "fp16", PLAN, calibration(), tmp_path / "out", dtype="bfloat16",
+                   compensation_target="original")
+    source, out = all_tensors(tmp_path / "fp16"), all_tensors(tmp_path / "out")
+    for new, old in ((0, 0), (2, 3)):
+        names = [n for n in source if n.startswith(f"model.layers.{old}.")]
+        for name in names:
+            got = out[name.replace(f"layers.{old}.", f"layers.{new}.")]
+            assert got.dtype == torch.float16 and torch.equal(got, source[name]), name
+    assert targets and all(t.dtype == torch.float32 for t in targets)
+    # y - h of two bfloat16 tensors is exact in float32; taken in bfloat16 it would be rounded to bfloat16
+    # everywhere (here about a quarter of the exact differences need more than bfloat16's 8 bits)
+    values = torch.cat([t.flatten() for t in targets])
+    assert (values.bfloat16().float() != values).float().mean() > 0.1
+
+
+def test_solve_options_are_validated_recorded_and_agree_with_the_default(tmp_path):
+    model_dir = make_model(tmp_path, "llama")
+    ids = calibration()
+    reference = compress_model(model_dir, PLAN, ids, tmp_path / "ref", lambda_factor=1.0)
+    record = compress_model(model_dir, PLAN, ids, tmp_path / "out", lambda_factor=1.0, solve_device="host",
+                            solve_dtype="float32")
+    assert (record["options"]["solve_device"], record["options"]["solve_dtype"]) == ("host", "float32")
+    pair, ref_pair = record["group_stats"][1], reference["group_stats"][1]
+    solve = pair["mlp"]["solve"]
+    assert solve["dtype"] == "float32" and ref_pair["mlp"]["solve"]["dtype"] == "float64"
+    assert solve["condition_bound"] <= 1 + 192 / 1.0  # 1 + n / lambda_factor, n = 2 x 96 channels
+    assert 0 < solve["forward_error_bound"] < 1e-3 and pair["heads"]["solve"]["dtype"] == "float32"
+    assert pair["heads"]["kept_query_heads"] == ref_pair["heads"]["kept_query_heads"]
+    got, expected = all_tensors(tmp_path / "out"), all_tensors(tmp_path / "ref")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-4, msg=name)
+    with pytest.raises(CompressionError, match="solve_dtype float32 needs lambda_factor > 0"):
+        compress_model(model_dir, PLAN, ids, tmp_path / "bad", lambda_factor=0.0, solve_dtype="float32")
+    with pytest.raises(CompressionError, match="solve_device 'gpu' is not one of auto, host"):
+        compress_model(model_dir, PLAN, ids, tmp_path / "bad", solve_device="gpu")

@@ -127,7 +127,7 @@ def compress_stage(model_json: str | Path, tokens: str | Path, plan_json: str | 
                                            "tokens_sha256": file_sha256(tokens),
                                            "plan_sha256": file_sha256(plan_json)}}
     options = {key: method[key] for key in ("lambda_factor", "compensation_target", "attn_compensation",
-                                            "head_scoring") if key in method}
+                                            "head_scoring", "solve_device", "solve_dtype") if key in method}
     record = compress_model(model["path"], plan["groups"], input_ids, out_dir, method=method["method"],
                             device=compute["device"], dtype=compute["dtype"], batch_size=compute["batch_size"],
                             state_dir=state_dir, provenance={**provenance, "model_note": model.get("note")},

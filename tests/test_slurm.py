@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from flattengpt.joblock import JobConflictError, claim_output, claim_path
 
 from .models_for_tests import REPO, make_model_with_tokenizer
-from .test_workflow import base_config, write_config
+from .test_workflow import AIR_GAPPED, base_config, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -60,7 +60,7 @@ def snakemake_cmd(*args):
 
 
 def run(workdir, *args, check=True):
-    result = subprocess.run(snakemake_cmd(*args), cwd=workdir, capture_output=True, text=True)
+    result = subprocess.run(snakemake_cmd(*args), cwd=workdir, capture_output=True, text=True, env=AIR_GAPPED)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -152,7 +152,7 @@ def test_killed_run_orphan_is_refused_then_cancelled_and_compress_resumes(tmp_pa
     run(workdir, "--cores", "2", "results/tiny/plays/k5/plan.json")
     proc = subprocess.Popen(snakemake_cmd("--cores", "8", "--profile", "slurm", *FAST_POLLING, "--retries", "0",
                                           target), cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=AIR_GAPPED)
 
     def groups_done():
         try:

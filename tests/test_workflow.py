@@ -5,6 +5,7 @@ subprocess, as a user would.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,12 +22,14 @@ from .models_for_tests import REPO, SHARED, STORIES, make_model_with_tokenizer
 pytestmark = pytest.mark.workflow
 
 SIMILARITY = ["cosine", "angular_distance", "cka", "block_influence"]
+# Every workflow test runs as on an air-gapped cluster: local models, text and task files only.
+AIR_GAPPED = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def snakemake(workdir, *args, check=True):
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--cores", "2", "--scheduler", "greedy", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=AIR_GAPPED)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result

@@ -41,10 +41,10 @@ include: "workflow/rules/report.smk"
 
 # Locally, Snakemake ignores `resources: gpu` unless `--resources gpu=N` is given, and a job does not
 # pick a card of its own (device auto/cuda is cuda:0), so GPU jobs would run on one card at once and
-# run out of memory. Unless the user gave a gpu limit, or compute.share_gpu allows it, local GPU
+# run out of memory. Unless the user gave a gpu limit, or cluster.share_gpu allows it, local GPU
 # jobs (each asks for one slot, see stage_resources) run one at a time. Cluster jobs get their own GPUs.
 if (workflow.is_main_process and not cluster_run() and "gpu" not in workflow.global_resources
-        and not config["compute"]["share_gpu"]):
+        and not config["cluster"]["share_gpu"]):
     workflow.register_resource("gpu", 1)
 
 

@@ -10,10 +10,9 @@ rule activations:
         compute=compute_params,
         # Resume state lives outside the declared output, which Snakemake deletes before a rerun.
         state_dir="results/{model}/{calib}/.resume/activations",
-    threads: config["compute"]["threads"]
+    threads: stage_threads("activations")
     resources:
-        gpu=lambda wc: 1 if config["compute"]["device"].startswith("cuda") else 0,
-        runtime=lambda wc, attempt: 120 * attempt,
+        **stage_resources("activations"),
     retries: 1
     log:
         "results/{model}/{calib}/logs/activations.log",

@@ -1,4 +1,6 @@
 # Config checks, path layout and parameter lookups shared by every rule.
+import json
+import math
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -147,9 +149,146 @@ def all_cores():
         return 1
 
 
-def needs_gpu(wildcards):
-    """Ask the cluster for a GPU unless the config pins the CPU (locally gpu=1 is ignored)."""
-    return 0 if config["compute"]["device"] == "cpu" else 1
+# ----------------------------------------------------------------------------- resources of heavy jobs
+# One function sizes every heavy rule: stage_resources(stage) gives its gpu, mem_mb, disk_mb and
+# runtime, stage_threads(stage) its threads; formulas in flattengpt/sizing.py and README "Sizing for
+# 7B-70B". The callables are evaluated again right before a job runs, when model.json and plan.json
+# exist, so a dry run may show bounds (fallback shapes, the largest group a target allows) where the
+# submitted job gets exact figures.
+
+
+def _sizing_config(spec):
+    """A model's config.json for sizing: converted embedded copy, local directory or hub cache; else None."""
+    from flattengpt.config import model_config_json
+
+    if spec["source"] == "embedded":
+        converted = Path(config["cache_dir"]) / "models" / spec["name"] / "config.json"
+        if converted.is_file():
+            return json.loads(converted.read_text())
+    return model_config_json(spec)
+
+
+def _model_shapes(wildcards, input):
+    """Shapes from the model rule's model.json (its directory's config.json) when it has run, else the spec."""
+    from flattengpt.sizing import FALLBACK_CONFIG, Shapes, SizingError
+
+    model_json = Path(input.model)
+    try:
+        if model_json.is_file():
+            path = Path(json.loads(model_json.read_text())["path"]) / "config.json"
+            return Shapes.from_config(json.loads(path.read_text()), where=str(path))
+        found = _sizing_config(model_spec(wildcards))
+        if found is not None:
+            return Shapes.from_config(found, where=f"models.{wildcards.model}")
+    except (OSError, KeyError, ValueError, SizingError):
+        pass  # sized as the fallback: the job is sized again once model.json exists
+    return Shapes.from_config(FALLBACK_CONFIG)
+
+
+def _plan_groups(wildcards, input):
+    """The plan's groups when plan.json exists (compress), or a hand-written plan file; else None."""
+    from flattengpt.provenance import read_json
+
+    plan = getattr(input, "plan", None)
+    if plan and Path(plan).is_file():
+        return read_json(plan)["groups"]
+    target = target_spec(wildcards) if "target" in wildcards.keys() else {}
+    if target.get("plan_file"):
+        import yaml
+
+        return yaml.safe_load(Path(target["plan_file"]).read_text())["groups"]
+    return None
+
+
+def _removed_and_group_size(wildcards, input, shapes):
+    """(k, m): blocks removed and the largest group; before the plan exists, the target's worst case."""
+    groups = _plan_groups(wildcards, input)
+    if groups:
+        return shapes.num_layers - len(groups), max(len(g) for g in groups)
+    if "target" not in wildcards.keys():
+        return None, 2
+    target = target_spec(wildcards)
+    k = target.get("remove_blocks") or shapes.remove_blocks_for(target["ratio"])
+    cap = target.get("max_group_size")
+    return k, min(cap, k + 1) if cap else k + 1
+
+
+def _settings(stage, wildcards, input, shapes):
+    from flattengpt.sizing import Settings
+
+    calib = config["calibration"][wildcards.calib] if "calib" in wildcards.keys() else None
+    method = config["methods"][wildcards.method] if "method" in wildcards.keys() else None
+    k, m = _removed_and_group_size(wildcards, input, shapes)
+    return Settings.from_config(config, calibration=calib, method=method, remove_blocks=k, group_size=m)
+
+
+_needs = {}
+
+
+def stage_need(stage, wildcards, input, attempt):
+    """flattengpt.sizing.stage_need for this job (cached: its four resources read the same figures)."""
+    from flattengpt.sizing import stage_need as size
+
+    key = (stage, tuple(sorted(dict(wildcards).items())), attempt, Path(input.model).is_file(),
+           bool(getattr(input, "plan", None)) and Path(input.plan).is_file())
+    if key not in _needs:
+        shapes = _model_shapes(wildcards, input)
+        _needs[key] = size(stage, shapes, _settings(stage, wildcards, input, shapes), attempt)
+    return _needs[key]
+
+
+def cluster_run():
+    """True under a cluster executor (--executor slurm / the slurm profile), dry runs included.
+
+    The executor plugin is not known while the Snakefile is read, and a dry run swaps it for the
+    `dryrun` one; `--jobs` (resource_settings.nodes) is set exactly when a non-local executor is
+    named (locally `--jobs` becomes `--cores`), which is the test Snakemake's scheduler uses too.
+    """
+    return workflow.resource_settings.nodes is not None
+
+
+def local_gpu_slots():
+    """GPUs a local job may claim: 1 when one is visible (every job uses cuda:0), else 0."""
+    from flattengpt.sizing import visible_gpus
+
+    return min(1, visible_gpus())
+
+
+def stage_resources(stage):
+    """gpu, mem_mb, disk_mb, runtime of a heavy rule, each a function of the job and its retry attempt.
+
+    gpu: compute.device cpu asks for none; auto and cuda* ask the cluster for the sized count, and
+    locally for the one GPU slot (the Snakefile caps local GPU jobs at one at a time) if a GPU is
+    visible, so the default run on a CPU machine asks for nothing. A retry asks for more memory
+    (x (1 + 0.5 (attempt - 1))) and time (x attempt).
+    """
+    from flattengpt.sizing import retry_factor
+
+    def gpu(wildcards, input, attempt):
+        if config["compute"]["device"] == "cpu" or stage == "similarity":
+            return 0
+        if not cluster_run():
+            return local_gpu_slots()
+        return stage_need(stage, wildcards, input, attempt).gpus
+
+    def mem_mb(wildcards, input, attempt):
+        return math.ceil(stage_need(stage, wildcards, input, attempt).mem_mb * retry_factor(attempt))
+
+    def disk_mb(wildcards, input, attempt):
+        return stage_need(stage, wildcards, input, attempt).disk_mb
+
+    def runtime(wildcards, input, attempt):
+        return stage_need(stage, wildcards, input, attempt).minutes  # x attempt inside
+
+    return {"gpu": gpu, "mem_mb": mem_mb, "disk_mb": disk_mb, "runtime": runtime}
+
+
+def stage_threads(stage):
+    """CPU threads of a heavy job (Snakemake scales them down to --cores; on Slurm, --cpus-per-task).
+
+    speed asks for every core so that no other job runs beside its timings; the others compute.threads.
+    """
+    return all_cores() if stage == "speed" else config["compute"]["threads"]
 
 
 def model_spec(wildcards):

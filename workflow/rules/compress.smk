@@ -11,10 +11,9 @@ rule compress:
         compute=compute_params,
         # Per-group progress lives outside the declared output, which Snakemake deletes before a rerun.
         state_dir="results/{model}/{calib}/{target}/.resume/{method}",
-    threads: config["compute"]["threads"]
+    threads: stage_threads("compress")
     resources:
-        gpu=lambda wc: 1 if config["compute"]["device"].startswith("cuda") else 0,
-        runtime=lambda wc, attempt: 240 * attempt,
+        **stage_resources("compress"),
     retries: 1
     log:
         "results/{model}/{calib}/{target}/logs/compress.{method}.log",

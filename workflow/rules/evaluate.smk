@@ -16,10 +16,9 @@ rule perplexity:
         compute=eval_compute,
         # Progress lives outside the declared output, which Snakemake deletes before a rerun.
         state_dir="results/{model}/{variant}/eval/.resume/perplexity.{corpus}",
-    threads: config["compute"]["threads"]
+    threads: stage_threads("perplexity")
     resources:
-        gpu=lambda wc: 1 if config["compute"]["device"].startswith("cuda") else 0,
-        runtime=lambda wc, attempt: 120 * attempt,
+        **stage_resources("perplexity"),
     log:
         "results/{model}/{variant}/eval/logs/perplexity.{corpus}.log",
     benchmark:
@@ -41,10 +40,9 @@ rule zero_shot:
     params:
         options=zero_shot_params,
         compute=zero_shot_compute,
-    threads: config["compute"]["threads"]
+    threads: stage_threads("zero_shot")
     resources:
-        gpu=lambda wc: 1 if config["compute"]["device"].startswith("cuda") else 0,
-        runtime=lambda wc, attempt: 240 * attempt,
+        **stage_resources("zero_shot"),
     log:
         "results/{model}/{variant}/eval/logs/zero_shot.{task}.log",
     benchmark:
@@ -68,10 +66,9 @@ rule speed:
         # Finished timed rounds live outside the declared output, which Snakemake deletes before a rerun.
         state_dir="results/{model}/{calib}/{target}/{method}/eval/.resume/speed",
     # Timings need the machine to themselves: ask for all cores, so no other job runs beside it.
-    threads: all_cores()
+    threads: stage_threads("speed")
     resources:
-        gpu=needs_gpu,
-        runtime=60,
+        **stage_resources("speed"),
     log:
         "results/{model}/{calib}/{target}/{method}/eval/logs/speed.log",
     conda:
@@ -90,10 +87,9 @@ rule generate:
     params:
         options=config["evaluation"]["generation"],
         compute=eval_compute,
-    threads: config["compute"]["threads"]
+    threads: stage_threads("generate")
     resources:
-        gpu=lambda wc: 1 if config["compute"]["device"].startswith("cuda") else 0,
-        runtime=30,
+        **stage_resources("generate"),
     log:
         "results/{model}/{variant}/eval/logs/generate.log",
     conda:

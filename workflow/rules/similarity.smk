@@ -8,7 +8,11 @@ rule similarity:
     params:
         options=config["similarity"],
         out_dir="results/{model}/{calib}/similarity",
-    threads: config["compute"]["threads"]
+    threads: stage_threads("similarity")
+    resources:
+        **stage_resources("similarity"),
+    # Cheap beside the GPU stages (it reads the token-capped stored copy once): no queue wait on a cluster.
+    localrule: True
     log:
         "results/{model}/{calib}/logs/similarity.log",
     benchmark:

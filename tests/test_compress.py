@@ -321,3 +321,22 @@ def test_solve_options_are_validated_recorded_and_agree_with_the_default(tmp_pat
         compress_model(model_dir, PLAN, ids, tmp_path / "bad", lambda_factor=0.0, solve_dtype="float32")
     with pytest.raises(CompressionError, match="solve_device 'gpu' is not one of auto, host"):
         compress_model(model_dir, PLAN, ids, tmp_path / "bad", solve_device="gpu")
+
+
+def test_group_memory_formula_counts_one_gram_matrix_where_the_solve_runs():
+    from flattengpt.adapters import BlockShape
+    from flattengpt.compress import group_memory_bytes
+
+    shape = BlockShape(4096, 32, 32, 128, 11008, False, False)  # LLaMA-2-7B
+    common = dict(compute_dtype_bytes=2, batch_size=1, seq_len=2048, compensation_target="flattened")
+    auto = group_memory_bytes(shape, 2, solve_device="auto", **common)
+    host = group_memory_bytes(shape, 2, solve_device="host", **common)
+    gram = 22016**2 * 8
+    # one n^2 float64 plus n x hidden and I x hidden extras (at 7B width 0.7 n^2); the former code held 4 n^2
+    assert gram < auto["device"] < 2 * gram
+    assert host["host"] - auto["host"] > gram and host["device"] <= auto["device"]
+    assert group_memory_bytes(shape, 2, solve_device="auto", lambda_factor=0.0, **common)["device"] > 3 * gram
+    wider = group_memory_bytes(shape, 3, solve_device="auto", **common)["device"]
+    assert wider > (9 / 4) * gram  # n = 3 I
+    cpu = group_memory_bytes(shape, 2, solve_device="auto", device="cpu", **common)
+    assert cpu["device"] == 0 and cpu["host"] > auto["host"] + gram

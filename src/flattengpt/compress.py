@@ -11,6 +11,27 @@ Memory: one group's blocks are resident at a time, read lazily from the source s
 calibration hidden states are the only other large state; finished blocks go to disk as they come.
 The output is written to a temporary sibling of `out_dir` and renamed into place at the end.
 
+Peak memory of one flattened group (group_memory_bytes states it as a formula). With d = hidden,
+n = m*I the wide MLP width, n_a = m*H*head_dim the wide attention width, P the parameters of one
+block, w / s the bytes of the compute / stored dtype, B x T a calibration batch, N x T the
+calibration set and b = prune.BLOCK:
+    host:    2 N T d w                the group's input and output hidden states (kept on the host)
+           + 3 m P s                  stored tensors, their norm-folded copies and the wide block (flatten_group)
+           + 0.5 GiB                  interpreter, torch, libraries
+    device:  max over the phases of
+      heads:  n_a^2 8 + max(m P w + B T (d + 4 n_a + 4 m KV hd) w + B T^2 w + 128 MiB,   wide layer, activations
+                            (2 n_a + 6 n_a / m) d 8 + 4 n_a b 8)                         the o_proj fit
+      MLP:    n^2 8 + (P_attn + 3 d n) w [+ m P w, original target]                      Gram, pruned-attention layer
+              + 3 B T n w + B T 4 d w + 128 MiB [+ n d 8 cross]                          activations (gate, up, psi)
+      solve:  n^2 8 + (2 + [1]) n d 8 + 4 I d 8 + 4 n b 8             C in place; W, C W, [cross]; W_S, rhs, B, C_SS B
+    The float64 copy of a feature batch inside Gram.add is capped at 2^24 values (128 MiB); the
+    solve's scratch (4 n b 8) is the panel of the blocked Cholesky and the triangular solves.
+    solve_device host moves the solve phase's memory to the host. At lambda_factor 0 the leverage
+    scores use eigh (C, its eigenvectors and LAPACK's 2 n^2 workspace: +3 n^2 8) and the solve uses
+    pinv (about 4 I^2 8). On a CPU run device and host are the same RAM, and where the compute
+    dtype is the stored one the layers' weights are the host tensors themselves (not counted twice).
+    Not counted: attention score matrices (B m H T^2) where a backend materialises them.
+
 Resuming: with `state_dir`, the state after every finished group (propagated hidden states, the
 shards written so far and the not yet sharded tensors) is saved there, keyed by a hash of the
 model, the plan, the options and the calibration ids; a rerun with the same key continues after
@@ -31,10 +52,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .adapters import BlockShape
 from .blockwise import BlockwiseModel
 from .checkpoint import Checkpoint
 from .flatten import build_block, check_block, flatten_group, names, pad_block, widen
-from .prune import (SOLVE_DTYPES, Gram, attention_statistics, head_columns, mlp_statistics, prune_channels,
+from .prune import (BLOCK, SOLVE_DTYPES, Gram, attention_statistics, head_columns, mlp_statistics, prune_channels,
                     prune_heads, ridge_fit, ridge_lambda, select_channels, select_kv_groups)
 from .provenance import atomic_dir, atomic_path, json_sha256, tensor_sha256, write_json
 from .runtime import peak_rss_mib
@@ -363,6 +385,41 @@ def compress_group(runner: BlockwiseModel, group: list[int], hidden: torch.Tenso
     new_hidden = runner.run_block(layer, first, hidden, batch_size)
     _check_finite(new_hidden, "the compressed block's output")
     return final, new_hidden, {**stats, "flattened": True}
+
+
+def group_memory_bytes(shape: BlockShape, group_size: int, *, compute_dtype_bytes: int, batch_size: int, seq_len: int,
+                       compensation_target: str, solve_device: str, n_samples: int = 128,
+                       source_dtype_bytes: int | None = None, lambda_factor: float = 10.0,
+                       device: str = "cuda") -> dict[str, int]:
+    """Peak bytes of compressing one group of `group_size` blocks of `shape`: {"device": .., "host": ..}.
+
+    The formula of the module docstring, phase by phase; n_samples x seq_len is the calibration set
+    (default the paper's 128 sequences). With device "cpu" everything is host memory ("device": 0).
+    """
+    m, w, b = group_size, compute_dtype_bytes, BLOCK
+    s = compute_dtype_bytes if source_dtype_bytes is None else source_dtype_bytes
+    d, hd, I = shape.hidden_size, shape.head_dim, shape.intermediate_size
+    n, n_attn, kv = m * I, m * shape.num_heads * hd, m * shape.num_kv_heads * hd
+    p_attn = 2 * d * shape.num_heads * hd + 2 * d * shape.num_kv_heads * hd  # q, o; k, v of one block
+    p_block = p_attn + 3 * d * I + 2 * d
+    original = compensation_target == "original"
+    shared = device == "cpu" and w == s  # the layers are built from the host tensors without a copy
+    tokens, chunk = batch_size * seq_len, 2**24 * 8
+    layer_wide = 0 if shared else m * p_block * w
+    heads = n_attn**2 * 8 + max(layer_wide + tokens * (d + 4 * n_attn + 4 * kv) * w + batch_size * seq_len**2 * w
+                                + chunk,
+                                (2 * n_attn + 6 * n_attn // m) * d * 8 + 4 * n_attn * b * 8)
+    mlp = (n**2 * 8 + (0 if shared else (p_attn + 3 * d * n) * w) + (m * p_block * w if original else 0)
+           + 3 * tokens * n * w + 4 * tokens * d * w + chunk + (n * d * 8 if original else 0))
+    solve = n**2 * 8 + (3 if original else 2) * n * d * 8 + 4 * I * d * 8 + 4 * n * b * 8
+    if lambda_factor == 0:
+        solve += 3 * n**2 * 8 + 4 * I**2 * 8
+    host = 2 * n_samples * seq_len * d * w + 3 * m * p_block * s + 2**29
+    if device == "cpu":
+        return {"device": 0, "host": host + max(heads, mlp, solve)}
+    if solve_device == "host":
+        return {"device": max(heads, mlp), "host": host + solve}
+    return {"device": max(heads, mlp, solve), "host": host}
 
 
 def _calibration_nll(runner: BlockwiseModel, hidden: torch.Tensor, input_ids: torch.Tensor, batch_size: int) -> float:

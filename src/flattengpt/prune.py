@@ -357,6 +357,11 @@ def fit_error(C: torch.Tensor, cross: torch.Tensor, norm2: float, keep: torch.Te
     return max(err, 0.0)  # cancellation can leave a tiny negative number
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b> without an elementwise product the size of a."""
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
+
+
 @dataclass
 class RidgeFit:
     """A selection S with its compensated weights and the calibration errors before and after."""
@@ -374,7 +379,7 @@ class RidgeFit:
     def against(self, cross: torch.Tensor, norm2: float) -> RidgeFit:
         """The same selection and weights, with the errors measured against another target (cross = psi^T R)."""
         cross_S = cross[self.keep.to(cross.device)]
-        plain, compensated = (max(norm2 - 2 * float((w * cross_S).sum()) + q, 0.0)
+        plain, compensated = (max(norm2 - 2 * _dot(w, cross_S) + q, 0.0)
                               for w, q in zip((self.plain_weight, self.weight), self.quadratic))
         return replace(self, norm2=norm2, error_plain=plain, error_compensated=compensated)
 
@@ -415,8 +420,8 @@ def ridge_fit(C: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, lam: float,
         C_SS = kept_gram_(C, C.diagonal().clone() if diag is None else diag, keep, block=block)
     else:
         C_SS = C[keep][:, keep]
-    W_S, cross_S = W[keep], cross[keep]
-    rhs = cross_S + lam * W_S
+    W_S = W[keep]
+    rhs = cross[keep].add_(W_S, alpha=lam)  # I x hidden each: at 7B width these are not small, so few of them
     solve = {"dtype": str(dtype).removeprefix("torch.")}
     if lam > 0:
         size = len(keep)
@@ -434,13 +439,15 @@ def ridge_fit(C: torch.Tensor, W: torch.Tensor, keep: torch.Tensor, lam: float,
         solve["condition_bound"] = None
     if not torch.isfinite(B).all():
         raise FloatingPointError("the compensation solve returned non-finite weights")
-    CB, CW_S = C_SS @ B, C_SS @ W_S
+    CB = C_SS @ B
+    quadratic_B = _dot(B, CB)
     rhs_norm = float(rhs.norm())
-    solve["relative_residual"] = float((CB + lam * B - rhs).norm()) / rhs_norm if rhs_norm > 0 else 0.0
+    solve["relative_residual"] = float(CB.add_(B, alpha=lam).sub_(rhs).norm()) / rhs_norm if rhs_norm > 0 else 0.0
     if solve["condition_bound"] is not None:
         solve["forward_error_bound"] = solve["condition_bound"] * solve["relative_residual"]
-    quadratic = (float((W_S * CW_S).sum()), float((B * CB).sum()))
-    del C_SS, CB, CW_S
+    del CB, rhs
+    quadratic = (_dot(W_S, C_SS @ W_S), quadratic_B)
+    del C_SS
     fit = RidgeFit(keep, B, W_S, lam, norm2, 0.0, 0.0, quadratic, solve)
     return fit.against(cross, norm2)
 

@@ -56,6 +56,7 @@ stage's floor, x the attempt number on retries.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -231,6 +232,12 @@ def schema_defaults(schema_path: str | Path | None = None) -> dict:
     return config
 
 
+@functools.lru_cache(maxsize=1)
+def _calibration_defaults() -> dict:
+    """The schema's n_samples and seq_len (read once: every job's resources need them)."""
+    return dict(schema_defaults()["_calibration_defaults"])
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the sizing reads from the workflow config (see `from_config`)."""
@@ -272,7 +279,7 @@ class Settings:
         """From a (schema-validated, defaults filled) workflow config; `calibration` and `method` are entries
         of its calibration and methods sections (defaults: the schema's)."""
         compute, evaluation = config["compute"], config["evaluation"]
-        calibration = calibration or config.get("_calibration_defaults") or schema_defaults()["_calibration_defaults"]
+        calibration = calibration or config.get("_calibration_defaults") or _calibration_defaults()
         method = method or {"method": "flattengpt", "compensation_target": "flattened"}
         perplexity, zero_shot, speed = evaluation["perplexity"], evaluation["zero_shot"], evaluation["speed"]
         eval_dtype = evaluation["dtype"] or compute["dtype"]

@@ -31,7 +31,7 @@ def test_schema_fills_defaults():
     assert config["calibration"]["c"] == {"source": "embedded", "name": "shakespeare-calibration", "fields": ["text"],
                                           "split": "train", "n_samples": 32, "seq_len": 256, "seed": 0}
     assert config["targets"]["t"]["max_group_size"] is None and config["targets"]["t"]["protect_first"] is False
-    assert config["activations"]["max_tokens"] is None and config["similarity"]["cka_max_tokens"] == 2048
+    assert config["activations"]["max_tokens"] == 32768 and config["similarity"]["cka_max_tokens"] == 2048
 
 
 def test_zero_shot_limit_per_task():

@@ -201,3 +201,19 @@ def test_rule_params_pass_the_device_map_only_when_set():
                                   "max_memory": {0: "70GiB"}}
     assert zero_shot_compute(None) == {"device": "cuda", "dtype": "float16", "device_map": "balanced",
                                        "max_memory": {0: "70GiB"}}
+
+
+def test_speed_through_a_device_map_records_it(tmp_path, one_thread):
+    from flattengpt.speed import measure_speed
+
+    dense, small = make_model(tmp_path / "dense", "llama"), make_model(tmp_path / "small", "llama", num_layers=2)
+    kwargs = dict(prompt_len=8, decode_tokens=2, warmup=0, repeats=1)
+    plain = measure_speed({"dense": dense, "compressed": small}, **kwargs)
+    mapped = measure_speed({"dense": dense, "compressed": small}, device_map="auto", max_memory={"cpu": "4GiB"},
+                           **kwargs)
+    assert plain["settings"]["device_map"] is None and plain["models"]["dense"]["device_map"] is None
+    assert mapped["settings"]["device_map"] == "auto" and mapped["settings"]["max_memory"] == {"cpu": "4GiB"}
+    assert mapped["models"]["dense"]["device_map"]["layers_per_device"] == {"cpu": 4}
+    assert mapped["models"]["compressed"]["device_map"]["layers_per_device"] == {"cpu": 2}
+    with pytest.raises(ValueError, match=r"evaluation\.max_memory is set but evaluation\.device_map is null"):
+        measure_speed({"dense": dense}, max_memory={"cpu": "1GiB"}, **kwargs)

@@ -107,8 +107,8 @@ def test_profile_runs_the_workflow_through_sbatch_like_a_local_run(tmp_path):
     for rule, job_id in jobs.items():
         assert list((on_slurm / ".snakemake" / "slurm_logs").glob(f"rule_{rule}/**/{job_id}.log")), rule
     # device: auto asked the cluster for a GPU, with the memory the resource function computed
-    tres = job_field(jobs["compress"], "TRES")
-    assert "gres/gpu=1" in tres, tres
+    for rule in ("activations", "compress", "perplexity"):
+        assert "gpu:1" in job_field(jobs[rule], "TresPerJob"), rule  # sbatch --gpus=1
     assert job_field(jobs["compress"], "JobState") == "COMPLETED"
 
     run(local, "--cores", "2", *targets)

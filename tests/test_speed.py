@@ -90,8 +90,8 @@ def test_schedule_of_timed_runs(tmp_path, monkeypatch, interleave):
     dense, small = make_model(tmp_path / "dense", "llama"), make_model(tmp_path / "small", "llama", num_layers=2)
     loaded, calls, real_load = [], [], speed._load
 
-    def load(model_dir, device, dtype):
-        model = real_load(model_dir, device, dtype)
+    def load(model_dir, device, dtype, **placement):
+        model = real_load(model_dir, device, dtype, **placement)
         loaded.append(model_dir)
         return model
 

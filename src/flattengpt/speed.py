@@ -146,10 +146,15 @@ def _timed_runs(run: Callable[[], float], warmup: int, repeats: int) -> list[flo
 
 
 def _clock(device: torch.device) -> Callable[[], float]:
-    """perf_counter, after waiting for queued CUDA work so the time covers the kernels themselves."""
+    """perf_counter, after waiting for queued CUDA work so the time covers the kernels themselves.
+
+    Every visible GPU is waited for: a model spread by a device map ends its forward on another
+    GPU than the one it starts on (GPUs this process left idle return at once).
+    """
     if device.type == "cuda":
         def now() -> float:
-            torch.cuda.synchronize(device)
+            for index in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(index)
             return time.perf_counter()
         return now
     return time.perf_counter
@@ -220,30 +225,38 @@ def _prompt(config, batch_size: int, prompt_len: int, seed: int, device: torch.d
 
 
 def _footprint(model_dir: str | Path, config, *, device: torch.device, dtype: torch.dtype, batch_size: int,
-               prompt_len: int, decode_tokens: int, seed: int) -> dict:
+               prompt_len: int, decode_tokens: int, seed: int, device_map: str | None = None,
+               max_memory: dict | None = None) -> dict:
     """Size and peak memory of one model alone: load it, run one prefill and one decode, free it.
 
     Measured in a pass of its own, before any timing, so that the figure covers this model only
     (the timed rounds may hold several models at once) and no sampler thread runs while timing.
     """
+    from .inference import device_map_summary, input_device
+
     cuda = device.type == "cuda"
+    # a device map may use every visible GPU: peaks are summed over them (one GPU otherwise)
+    gpus = list(range(torch.cuda.device_count())) if cuda and device_map is not None else [device]
     if cuda:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
+        for gpu in gpus:
+            torch.cuda.reset_peak_memory_stats(gpu)
+        baseline = sum(torch.cuda.memory_allocated(gpu) for gpu in gpus)
     sampler = None if cuda else _RssSampler()
     with sampler or contextlib.nullcontext():
-        model = _load(model_dir, device, dtype)
-        input_ids = _prompt(config, batch_size, prompt_len, seed, device)
+        model = _load(model_dir, device, dtype, device_map=device_map, max_memory=max_memory)
+        input_ids = _prompt(config, batch_size, prompt_len, seed, input_device(model))
         now = _clock(device)
         _prefill_seconds(model, input_ids, now)
         _decode_seconds(model, input_ids, decode_tokens, now)
         record = {"model_dir": str(model_dir), "num_layers": int(model.config.num_hidden_layers),
-                  "parameters": sum(p.numel() for p in model.parameters())}
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "device_map": None if device_map is None else device_map_summary(model, device_map, max_memory)}
         del model
     gc.collect()
     if cuda:
-        peak, method = (torch.cuda.max_memory_allocated(device) - baseline) / MIB, "cuda_max_allocated"
+        peak = (sum(torch.cuda.max_memory_allocated(gpu) for gpu in gpus) - baseline) / MIB
+        method = "cuda_max_allocated" if len(gpus) == 1 else "cuda_max_allocated_sum_over_gpus"
         torch.cuda.empty_cache()
     else:
         peak, method = sampler.increase_mib, "cpu_rss_increase"
@@ -261,7 +274,7 @@ def _rotations(names: list[str], rounds: int):
 
 def _timings(model_dirs: dict, configs: dict, *, device: torch.device, dtype: torch.dtype, batch_size: int,
              prompt_len: int, decode_tokens: int, warmup: int, repeats: int, seed: int,
-             interleave: bool, done: dict | None = None,
+             interleave: bool, done: dict | None = None, device_map: str | None = None, max_memory: dict | None = None,
              on_round: Callable[[dict], None] | None = None) -> dict[str, dict[str, list[float]]]:
     """Seconds of every timed prefill and decode run, per model.
 
@@ -299,7 +312,10 @@ def _timings(model_dirs: dict, configs: dict, *, device: torch.device, dtype: to
                     on_round(seconds)
 
     def ready(name: str) -> tuple:
-        return _load(model_dirs[name], device, dtype), _prompt(configs[name], batch_size, prompt_len, seed, device)
+        from .inference import input_device
+
+        model = _load(model_dirs[name], device, dtype, device_map=device_map, max_memory=max_memory)
+        return model, _prompt(configs[name], batch_size, prompt_len, seed, input_device(model))
 
     if interleave:
         loaded = {name: ready(name) for name in names}
@@ -322,7 +338,7 @@ def _timings(model_dirs: dict, configs: dict, *, device: torch.device, dtype: to
 def measure_speed(model_dirs: dict[str, str | Path], *, device: str = "cpu", dtype: str = "float32",
                   batch_size: int = 1, prompt_len: int = 256, decode_tokens: int = 32, warmup: int = 2,
                   repeats: int = 5, seed: int = 0, interleave: bool = True, state_dir: str | Path | None = None,
-                  resume_key: str | None = None) -> dict:
+                  resume_key: str | None = None, device_map: str | None = None, max_memory: dict | None = None) -> dict:
     """Prefill throughput, decode latency (KV cache on) and peak memory of each named checkpoint.
 
     Every model runs on the same seeded random prompt of `batch_size` x `prompt_len` token ids;
@@ -338,16 +354,20 @@ def measure_speed(model_dirs: dict[str, str | Path], *, device: str = "cpu", dty
         raise ValueError(f"interleave must be true or false, got {interleave!r}")
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
+    from .inference import normalize_max_memory, placement_kwargs
+
+    placement_kwargs(torch_device, device_map, max_memory)  # refuses a bad request before any model loads
     configs = _validate(model_dirs, batch_size=batch_size, prompt_len=prompt_len, decode_tokens=decode_tokens,
                         warmup=warmup, repeats=repeats)
     settings = {"device": str(torch_device), "dtype": str(torch_dtype).removeprefix("torch."),
                 "batch_size": batch_size, "prompt_len": prompt_len, "decode_prompt_len": prompt_len,
                 "decode_tokens": decode_tokens, "warmup": warmup, "repeats": repeats, "seed": seed,
                 "schedule": "interleaved" if interleave else "sequential",
-                "prefill_logits_to_keep": 1, "torch_threads": torch.get_num_threads(),
+                "prefill_logits_to_keep": 1, "torch_threads": torch.get_num_threads(), "device_map": device_map,
+                "max_memory": None if max_memory is None else {str(k): v for k, v in normalize_max_memory(max_memory).items()},
                 "torch_version": torch.__version__}
     shape = dict(device=torch_device, dtype=torch_dtype, batch_size=batch_size, prompt_len=prompt_len,
-                 decode_tokens=decode_tokens, seed=seed)
+                 decode_tokens=decode_tokens, seed=seed, device_map=device_map, max_memory=max_memory)
     from .provenance import json_sha256
 
     progress = _Progress(state_dir, json_sha256({"settings": settings, "resume_key": resume_key,

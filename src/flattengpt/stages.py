@@ -234,7 +234,8 @@ def speed_stage(model_json: str | Path, model_dir: str | Path, options: dict, co
     settings = {key: options[key]
                 for key in ("batch_size", "prompt_len", "decode_tokens", "warmup", "repeats", "interleave")}
     record = measure_speed({"dense": dense, "compressed": str(model_dir)}, device=compute["device"],
-                           dtype=compute["dtype"], state_dir=state_dir,
+                           dtype=compute["dtype"], state_dir=state_dir, device_map=compute.get("device_map"),
+                           max_memory=compute.get("max_memory"),
                            resume_key=json_sha256({**inputs, **compressed_inputs}), **settings)
     record["provenance"] = {**provenance, "inputs": {**inputs, **compressed_inputs}}
     write_json(out_json, record)

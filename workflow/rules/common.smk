@@ -100,6 +100,12 @@ def eval_compute(wildcards):
     return compute
 
 
+def blockwise_eval_compute(wildcards):
+    """eval_compute without the device map: perplexity runs one block at a time and never spreads a model."""
+    compute = eval_compute(wildcards)
+    return {key: compute[key] for key in ("device", "dtype")}
+
+
 def zero_shot_compute(wildcards):
     """eval_compute, with evaluation.zero_shot.dtype in place of the dtype when set."""
     compute = eval_compute(wildcards)

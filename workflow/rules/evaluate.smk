@@ -13,7 +13,7 @@ rule perplexity:
     params:
         corpus=corpus_spec,
         options=perplexity_params,
-        compute=eval_compute,
+        compute=blockwise_eval_compute,
         # Progress lives outside the declared output, which Snakemake deletes before a rerun.
         state_dir="results/{model}/{variant}/eval/.resume/perplexity.{corpus}",
     threads: stage_threads("perplexity")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from .models_for_tests import REPO, SAMPLE_TEXT, SHARED, STORIES, make_model_with_tokenizer
-from .test_workflow import base_config, snakemake, write_config
+from .test_workflow import AIR_GAPPED, base_config, snakemake, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -31,7 +31,7 @@ def kill_when(workdir, targets, saved_enough, timeout=120):
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--cores", "2", "--scheduler", "greedy", *targets]
     output = open(workdir / "killed-run.out", "w")
-    proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=AIR_GAPPED)
     deadline, progress = time.time() + timeout, None
     while time.time() < deadline and proc.poll() is None:
         try:

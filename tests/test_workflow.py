@@ -246,7 +246,8 @@ def test_killed_activations_stage_resumes_where_it_stopped(tmp_path):
     state = tmp_path / "results" / "tiny" / "plays" / ".resume" / "activations" / "state.json"
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
            "--cores", "1", "--scheduler", "greedy"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=AIR_GAPPED)
     deadline = time.time() + 120
     killed_at = None
     while time.time() < deadline and proc.poll() is None:

@@ -39,8 +39,15 @@ def test_embedded_model_architecture_and_record(smollm2_dir):
     assert summary["head_dim"] == 64 and summary["intermediate_size"] == 1536
     assert summary["vocab_size"] == 49152 and summary["tie_word_embeddings"] is True
 
-    record = json.loads((smollm2_dir / "embedded.json").read_text())
+    # the shapes known before conversion (config checks, job sizing) are the converted model's
     entry = models.EMBEDDED_MODELS[EMBEDDED]
+    converted = json.loads((smollm2_dir / "config.json").read_text())
+    for key, value in entry["config"].items():
+        if key != "torch_dtype":
+            assert converted[key] == value, key
+    assert converted.get("dtype", converted.get("torch_dtype")) == entry["config"]["torch_dtype"]
+
+    record = json.loads((smollm2_dir / "embedded.json").read_text())
     assert record["note"] == entry["note"] == models.embedded_note(smollm2_dir)
     assert "not comparable with published SmolLM2 figures" in record["note"]
     assert record["wheel_sha256"] == entry["wheel_sha256"] and len(record["gguf_sha256"]) == 64

@@ -39,8 +39,12 @@ EMBEDDED_MODELS: dict[str, dict] = {
         "license": "Apache-2.0 (SmolLM2, HuggingFaceTB)",
         "note": "SmolLM2-135M-Instruct restored from a 4-bit (Q4_1) GGUF: its scores are not "
         "comparable with published SmolLM2 figures.",
-        # What config checks need before the model is converted (no weights are read).
-        "config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 30},
+        # What config checks and job sizing need before the model is converted (no weights are read);
+        # tests/test_models.py checks it against the converted config.json.
+        "config": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 30,
+                   "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+                   "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True,
+                   "torch_dtype": "float32"},
     },
 }
 

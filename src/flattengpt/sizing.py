@@ -341,54 +341,19 @@ def block_working_bytes(shapes: Shapes, tokens: int, seq_len: int, c: int, m: in
     return max(attention, mlp) + seq_len * seq_len * c
 
 
-def _provisional_group_memory(shapes: Shapes, group_size: int, *, compute_dtype_bytes: int, batch_size: int,
-                              seq_len: int, compensation_target: str, solve_device: str = "auto",
-                              n_samples: int = 128, device: str = "cuda", **_) -> dict:
-    """compress_group's peak for one group of m blocks, read off compress.py/prune.py before
-    compress.group_memory_bytes existed (kept for checkouts without it).
-
-    device: m original blocks + the wide copy (2*m*P_b*c), the wide block's forward on a batch,
-    float64 features of that batch (b*T*m*I*8), C (m*I)^2*8 with two more (m*I)^2*8 alive in
-    leverage_scores (the ridge clone or the Cholesky factor, then its inverse), and W, C W
-    (2 * m*I*H*8). host: the running hidden state twice (2 * n*T*H*c).
-    """
-    c, m, t = compute_dtype_bytes, group_size, batch_size * seq_len
-    mI = m * shapes.intermediate
-    weights = 2 * m * shapes.block_params * c
-    forward = block_working_bytes(shapes, t, seq_len, c, m) + t * mI * 8
-    solve = 3 * mI * mI * 8 + 2 * mI * shapes.hidden * 8
-    host = 2 * n_samples * seq_len * shapes.hidden * c
-    if device == "cpu":
-        return {"device": 0, "host": host + weights + forward + solve}
-    if solve_device == "host":
-        return {"device": weights + forward, "host": host + solve}
-    return {"device": weights + forward + solve, "host": host}
-
-
 def group_memory(shapes: Shapes, settings: Settings, group_size: int) -> dict:
-    """Peak {"device", "host"} bytes of compressing one group of m blocks, hidden states included.
-
-    The compression stage's own formula, compress.group_memory_bytes, where this checkout has it;
-    else the provisional one above. Only the keyword arguments it accepts are passed.
-    """
-    import inspect
-
-    kwargs = dict(compute_dtype_bytes=DTYPE_BYTES[settings.dtype], batch_size=settings.batch_size,
-                  seq_len=settings.seq_len, compensation_target=settings.compensation_target,
-                  solve_device=settings.solve_device, n_samples=settings.n_samples,
-                  source_dtype_bytes=DTYPE_BYTES[shapes.weight_dtype], lambda_factor=settings.lambda_factor,
-                  device="cuda" if settings.on_gpu else "cpu")
-    try:
-        from .compress import group_memory_bytes
-    except ImportError:
-        return _provisional_group_memory(shapes, group_size, **kwargs)
+    """Peak {"device", "host"} bytes of compressing one group of m blocks: compress.group_memory_bytes."""
     from .adapters import BlockShape
+    from .compress import group_memory_bytes
 
     shape = BlockShape(hidden_size=shapes.hidden, num_heads=shapes.heads, num_kv_heads=shapes.kv_heads,
                        head_dim=shapes.head_dim, intermediate_size=shapes.intermediate, qkv_bias=shapes.qkv_bias,
                        o_bias=shapes.o_bias)
-    accepted = inspect.signature(group_memory_bytes).parameters
-    return group_memory_bytes(shape, group_size, **{k: v for k, v in kwargs.items() if k in accepted})
+    return group_memory_bytes(shape, group_size, compute_dtype_bytes=DTYPE_BYTES[settings.dtype],
+                              batch_size=settings.batch_size, seq_len=settings.seq_len,
+                              compensation_target=settings.compensation_target, solve_device=settings.solve_device,
+                              n_samples=settings.n_samples, source_dtype_bytes=DTYPE_BYTES[shapes.weight_dtype],
+                              lambda_factor=settings.lambda_factor, device="cuda" if settings.on_gpu else "cpu")
 
 
 # ----------------------------------------------------------------------------- per stage
@@ -648,20 +613,12 @@ def readme_section() -> str:
         _docstring_formulas(),
         "```",
         "",
-        f"The compress figure is {_group_memory_source()}. Runtime is an estimate, not a measurement:",
+        "The compress figure is the compression stage's own `compress.group_memory_bytes`. Runtime is an estimate, not a measurement:",
         "FLOPs at assumed sustained rates (GPU: float32 15, bfloat16/float16 100, float64 8 TFLOP/s) plus",
         "bytes at 300 MB/s of disk and 5 GB/s host-to-device, x 2, at least the stage's old fixed limit",
         "(activations 120, compress 240, perplexity 120, zero_shot 240, speed 60, generate 30 min).",
         README_END,
     ])
-
-
-def _group_memory_source() -> str:
-    try:
-        from .compress import group_memory_bytes  # noqa: F401
-    except ImportError:
-        return "provisional (compress.py and prune.py as they stand; `_provisional_group_memory`)"
-    return "the compression stage's own `compress.group_memory_bytes`"
 
 
 def _docstring_formulas() -> str:

@@ -85,11 +85,12 @@ class BlockwiseModel:
         return out
 
     @torch.no_grad()
-    def next_token_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 512) -> tuple[float, int]:
-        """(summed NLL, predictions) of input_ids[:, 1:] from the final residual X_L (final norm, then head).
+    def next_token_nlls(self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 512) -> list[float]:
+        """Summed NLL (float64) of every row of input_ids[:, 1:] from the final residual X_L (final norm, then head).
 
         Logits are formed `chunk_tokens` positions at a time: a full batch of them (tokens x vocab in
-        float32) would dwarf everything else the stage holds.
+        float32) would dwarf everything else the stage holds. One sum per row, so that a caller can
+        save progress row by row (perplexity windows).
         """
         norm = self.adapter.build_final_norm()
         norm.load_state_dict({"weight": self.checkpoint.tensor(self.adapter.final_norm_key)})
@@ -98,14 +99,20 @@ class BlockwiseModel:
         if head_key not in self.checkpoint:  # tied input and output embeddings
             head_key = self.adapter.embed_key
         head = self.checkpoint.tensor(head_key, self.device, self.dtype)
-        total, predictions = 0.0, hidden.shape[0] * (hidden.shape[1] - 1)
+        sums = []
         for row in range(hidden.shape[0]):
+            total = 0.0  # a Python float: float64
             for start in range(0, hidden.shape[1] - 1, chunk_tokens):
                 states = hidden[row, start:start + chunk_tokens][: hidden.shape[1] - 1 - start]
                 targets = input_ids[row, start + 1:start + 1 + states.shape[0]]  # position t predicts token t + 1
                 logits = (norm(states.to(self.device, self.dtype)) @ head.T).float()
                 total += float(F.cross_entropy(logits, targets.to(self.device), reduction="sum"))
-        return total, predictions
+            sums.append(total)
+        return sums
+
+    def next_token_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor, chunk_tokens: int = 512) -> tuple[float, int]:
+        """(summed NLL, predictions) of input_ids[:, 1:] from X_L: the row sums of next_token_nlls, in order."""
+        return sum(self.next_token_nlls(hidden, input_ids, chunk_tokens), 0.0), hidden.shape[0] * (hidden.shape[1] - 1)
 
     @torch.no_grad()
     def residual_stream(self, input_ids: torch.Tensor, batch_size: int = 8, start_hidden: torch.Tensor | None = None,

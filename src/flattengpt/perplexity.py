@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .blockwise import BlockwiseModel
 from .provenance import json_sha256, tensor_sha256, write_json
@@ -42,31 +41,6 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None
     if n_windows == 0:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
     return ids[: n_windows * seq_len].view(n_windows, seq_len)
-
-
-def _window_nlls(runner: BlockwiseModel, hidden: torch.Tensor, windows: torch.Tensor,
-                 chunk_tokens: int = 512) -> list[tuple[float, int]]:
-    """(summed NLL in float64, predictions) of every window, from the final residual X_L.
-
-    As BlockwiseModel.next_token_nll, but one sum per window, so progress can be saved per window.
-    """
-    adapter, checkpoint = runner.adapter, runner.checkpoint
-    norm = adapter.build_final_norm()
-    norm.load_state_dict({"weight": checkpoint.tensor(adapter.final_norm_key)})
-    norm = norm.to(runner.device, runner.dtype)
-    head_key = adapter.lm_head_key if adapter.lm_head_key in checkpoint else adapter.embed_key  # tied
-    head = checkpoint.tensor(head_key, runner.device, runner.dtype)
-    seq_len = hidden.shape[1]
-    results = []
-    for row in range(hidden.shape[0]):
-        total = 0.0  # a Python float: float64
-        for start in range(0, seq_len - 1, chunk_tokens):
-            states = hidden[row, start:min(start + chunk_tokens, seq_len - 1)]
-            targets = windows[row, start + 1:start + 1 + states.shape[0]]  # position t predicts token t + 1
-            logits = (norm(states.to(runner.device, runner.dtype)) @ head.T).float()
-            total += float(F.cross_entropy(logits, targets.to(runner.device), reduction="sum"))
-        results.append((total, seq_len - 1))
-    return results
 
 
 def _load_state(state_dir: Path, key: str) -> tuple[list[float], list[int]]:
@@ -118,9 +92,8 @@ def perplexity(model_dir, windows: torch.Tensor, *, device: str = "cpu", dtype: 
         hidden = None
         for index, hidden in runner.residual_stream(chunk, batch_size=batch_size):
             pass
-        for nll, count in _window_nlls(runner, hidden, chunk):
-            nlls.append(nll)
-            counts.append(count)
+        nlls += runner.next_token_nlls(hidden, chunk)
+        counts += [chunk.shape[1] - 1] * chunk.shape[0]
         del hidden
         if state_dir is not None:
             write_json(state_dir / "state.json", {"key": key, "nll": nlls, "count": counts})

@@ -16,7 +16,9 @@ n = m*I the wide MLP width, n_a = m*H*head_dim the wide attention width, P the p
 block, w / s the bytes of the compute / stored dtype, B x T a calibration batch, N x T the
 calibration set and b = prune.BLOCK:
     host:    2 N T d w                the group's input and output hidden states (kept on the host)
-           + 3 m P s                  stored tensors, their norm-folded copies and the wide block (flatten_group)
+           + 3 m P s                  stored tensors, their norm-folded copies and the wide block (flatten_group);
+                                      afterwards it bounds what stays: the wide block, the pruned attention and
+                                      the previous group's output queued for its shard (m P s + P_attn s + P s)
            + 0.5 GiB                  interpreter, torch, libraries
     device:  max over the phases of
       heads:  n_a^2 8 + max(m P w + B T (d + 4 n_a + 4 m KV hd) w + B T^2 w + 128 MiB,   wide layer, activations
@@ -26,6 +28,9 @@ calibration set and b = prune.BLOCK:
       solve:  n^2 8 + (2 + [1]) n d 8 + 4 I d 8 + 4 n b 8             C in place; W, C W, [cross]; W_S, rhs, B, C_SS B
     The float64 copy of a feature batch inside Gram.add is capped at 2^24 values (128 MiB); the
     solve's scratch (4 n b 8) is the panel of the blocked Cholesky and the triangular solves.
+    Gram.check_finite scans C in row chunks (isfinite on the whole of it would add |C| and three
+    n^2 masks, 1.4 n^2 8, the former peak of the MLP phase). The stored tensors are views of the
+    memory-mapped safetensors file: their pages count as RSS for as long as anything refers to them.
     solve_device host moves the solve phase's memory to the host. At lambda_factor 0 the leverage
     scores use eigh (C, its eigenvectors and LAPACK's 2 n^2 workspace: +3 n^2 8) and the solve uses
     pinv (about 4 I^2 8). On a CPU run device and host are the same RAM, and where the compute
@@ -297,6 +302,7 @@ def compress_group(runner: BlockwiseModel, group: list[int], hidden: torch.Tenso
     save_dtypes = save_dtypes or {k: v.dtype for k, v in sources[0].items()}
     for block in sources:
         check_block(block, adapter, shape)
+    del block  # the loop variable would keep the last source block alive through the whole group
     stats: dict = {"blocks": group}
     if m == 1:  # nothing to flatten: the block is kept as it is
         new_hidden = runner.run_block(runner.load_block(first), first, hidden, batch_size)
@@ -490,6 +496,7 @@ def compress_model(model_dir, groups: list[list[int]], calib_input_ids: torch.Te
             stats = {"group": g, **stats, "seconds": round(time.perf_counter() - group_started, 3)}
             prefix = adapter.layer_prefix(g)  # output block g: the blocks are renumbered in order
             progress.group_done(g + 1, {prefix + k: v for k, v in block.items()}, hidden, stats)
+            del block  # the writer holds its own copy; this one would stay alive through the next group
             log(f"{label} done in {stats['seconds']:.1f}s{_errors_line(stats)} (peak RSS {peak_rss_mib():.0f} MiB)")
 
         calibration_nll = _calibration_nll(runner, hidden, ids, batch_size) if method == "flattengpt" else None

@@ -18,14 +18,6 @@ from flattengpt.inference import device_map_summary, load_causal_lm, normalize_m
 from .models_for_tests import REPO, make_model, make_model_with_tokenizer
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     return make_model_with_tokenizer(tmp_path_factory.mktemp("inference"), "llama")

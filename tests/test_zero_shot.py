@@ -351,17 +351,6 @@ def test_hellaswag_differs_from_the_local_rows_as_they_are(hellaswag):
 # ----------------------------------------------------------------------------- end to end on a real model
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny model runs fastest on one thread, and stays fast on a loaded machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def direct_scores(model_dir, rows):
     """acc and acc_norm of the stock ARC prompt, scored with the HF model directly as lm-eval scores it."""
     import torch

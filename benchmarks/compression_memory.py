@@ -131,7 +131,7 @@ def main() -> None:
     import torch
 
     from flattengpt.adapters import BlockShape
-    from flattengpt.compress import group_memory_bytes
+    from flattengpt.methods.flattengpt import group_memory_bytes
 
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         args.tmp = tmp

@@ -34,7 +34,8 @@ from flattengpt.compress import compress_model
 from flattengpt.data import load_text, sample_windows, tokenize
 from flattengpt.models import EMBEDDED_MODELS, embedded_model_dir
 from flattengpt.perplexity import eval_windows, perplexity
-from flattengpt.plan import greedy_plan, shortgpt_blocks
+from flattengpt.methods.shortgpt import shortgpt_blocks
+from flattengpt.plan import greedy_plan
 from flattengpt.provenance import package_versions, source_hash
 from flattengpt.runtime import peak_rss_mib
 from flattengpt.similarity import block_influence, cosine_matrix

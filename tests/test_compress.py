@@ -325,7 +325,7 @@ def test_solve_options_are_validated_recorded_and_agree_with_the_default(tmp_pat
 
 def test_group_memory_formula_counts_one_gram_matrix_where_the_solve_runs():
     from flattengpt.adapters import BlockShape
-    from flattengpt.compress import group_memory_bytes
+    from flattengpt.methods.flattengpt import group_memory_bytes
 
     shape = BlockShape(4096, 32, 32, 128, 11008, False, False)  # LLaMA-2-7B
     common = dict(compute_dtype_bytes=2, batch_size=1, seq_len=2048, compensation_target="flattened")

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from flattengpt.plan import (Plan, blocks_for_ratio, greedy_plan, gromov_span, make_plan, plan_from_file,
-                             shortgpt_blocks)
+from flattengpt.methods.gromov import gromov_span
+from flattengpt.methods.shortgpt import shortgpt_blocks
+from flattengpt.plan import Plan, blocks_for_ratio, greedy_plan, make_plan, plan_from_file
 
 
 def symmetric(upper):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flattengpt.blockwise import BlockwiseModel
-from flattengpt.compress import compress_group
+from flattengpt.methods.flattengpt import compress_group
 from flattengpt.flatten import block_state, build_block, flatten_group, widen
 from flattengpt.prune import (Gram, attention_statistics, cholesky_lower_, cholesky_solve_lower, compensate, fit_error,
                               inverse_diagonal, kept_gram_, leverage_scores, prune_heads, ridge_fit, ridge_lambda,

@@ -19,6 +19,9 @@ from safetensors import safe_open
 from .adapters import ModelAdapter, get_adapter
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 class CheckpointError(ValueError):
     pass
 

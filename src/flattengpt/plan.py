@@ -6,8 +6,9 @@ the similarity between the input of the merged group's first block and the input
 block (for two single blocks, S[l, l+1]). Every merge removes one block: a group of m blocks
 becomes one block of the original width.
 
-Also here: resolving a target (a block count, a parameter ratio or a hand-written plan file)
-and the block selections of the baselines that read the same activations (ShortGPT, Gromov et al.).
+Also here: the plan format every method writes (Plan: for every output layer, its source blocks
+and how it is made from them), resolving a target (a block count, a parameter ratio or a
+hand-written plan file) and parameter counts.
 """
 
 from __future__ import annotations
@@ -21,61 +22,185 @@ from typing import Sequence
 import numpy as np
 
 TARGET_KEYS = ("remove_blocks", "ratio", "plan_file")
+PLAN_FORMAT = 2
+
+# How an output layer comes from its source blocks (plan.json "layers"[i]["op"]):
+OPS = {
+    "keep": "one source block, as it is",
+    "flatten": "the blocks flattened into one wide block (then pruned back by FlattenGPT, or padded by flatten-only)",
+    "merge": "one block whose projections are a linear combination of the blocks' (weights), norms of the first",
+    "patch": "the first block with a fitted linear map folded into it that stands in for the others (ReplaceMe)",
+}
+
+
+@dataclass
+class Layer:
+    """One block of the compressed model: the source blocks it stands for and how it is made from them.
+
+    `blocks` is a run of consecutive source blocks; blocks[0] is the layer's base, whose config
+    entries (attention type, sliding window) the new layer takes. `weights` (op merge only) maps a
+    source block to its coefficient in the merged projections q/k/v/o/gate/up/down.
+    """
+
+    op: str
+    blocks: list[int]
+    weights: dict[int, float] | None = None
+    score: float | None = None
+
+    @property
+    def base(self) -> int:
+        return self.blocks[0]
+
+    def to_json(self) -> dict:
+        record = {"op": self.op, "blocks": list(self.blocks)}
+        if self.weights is not None:
+            record["weights"] = {str(b): float(w) for b, w in sorted(self.weights.items())}
+        if self.score is not None:
+            record["score"] = float(self.score)
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> "Layer":
+        weights = record.get("weights")
+        return cls(op=record["op"], blocks=[int(b) for b in record["blocks"]],
+                   weights=None if weights is None else {int(b): float(w) for b, w in weights.items()},
+                   score=record.get("score"))
 
 
 @dataclass
 class Plan:
+    """For every block of the compressed model, which source blocks it comes from and how.
+
+    Source blocks that no layer lists are dropped. `steps` is the trace of the method's choice
+    (greedy merges and their scores, SLEB's losses per round, a threshold bisection, ...).
+    """
+
     num_layers: int
-    groups: list[list[int]]
+    layers: list[Layer]
     steps: list[dict] = field(default_factory=list)
-    group_scores: list[float | None] | None = None  # S[a, c] of each multi-block group a..c
     target: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     params_before: int | None = None
     params_after: int | None = None
     ratio_achieved: float | None = None
     method: str = "flattengpt"
+    cost: dict = field(default_factory=dict)  # block_forwards and seconds the choice spent
+
+    @classmethod
+    def from_groups(cls, num_layers: int, groups: list[list[int]], scores: list[float | None] | None = None,
+                    **kwargs) -> "Plan":
+        """A partition into runs of blocks: one flattened layer per group (a single block is kept)."""
+        scores = scores or [None] * len(groups)
+        layers = [Layer("keep" if len(g) == 1 else "flatten", list(g), score=s) for g, s in zip(groups, scores)]
+        return cls(num_layers=num_layers, layers=layers, **kwargs)
+
+    @classmethod
+    def from_kept(cls, num_layers: int, kept: Sequence[int], **kwargs) -> "Plan":
+        """Keep the listed blocks as they are, drop the others."""
+        return cls(num_layers=num_layers, layers=[Layer("keep", [int(b)]) for b in sorted(kept)], **kwargs)
+
+    @property
+    def groups(self) -> list[list[int]]:
+        """The source blocks of each output layer."""
+        return [list(layer.blocks) for layer in self.layers]
+
+    @property
+    def group_scores(self) -> list[float | None]:
+        return [layer.score for layer in self.layers]
 
     @property
     def remove_blocks(self) -> int:
-        return self.num_layers - len(self.groups)
-
-    @property
-    def removed_blocks(self) -> list[int]:
-        """Every block but the first of its group: the blocks whose slots disappear."""
-        return [block for group in self.groups for block in group[1:]]
+        return self.num_layers - len(self.layers)
 
     @property
     def kept_blocks(self) -> list[int]:
-        return [group[0] for group in self.groups]
+        """The base block of every output layer."""
+        return [layer.base for layer in self.layers]
+
+    @property
+    def removed_blocks(self) -> list[int]:
+        """Every source block that is not the base of an output layer: the slots that disappear."""
+        kept = set(self.kept_blocks)
+        return [block for block in range(self.num_layers) if block not in kept]
+
+    @property
+    def dropped_blocks(self) -> list[int]:
+        """Source blocks no output layer stands for."""
+        listed = {block for layer in self.layers for block in layer.blocks}
+        return [block for block in range(self.num_layers) if block not in listed]
 
     def to_json(self) -> dict:
-        record = asdict(self)
-        record.update(remove_blocks=self.remove_blocks, removed_blocks=self.removed_blocks,
-                      kept_blocks=self.kept_blocks, num_layers_after=len(self.groups))
-        order = ["method", "num_layers", "num_layers_after", "remove_blocks", "removed_blocks", "kept_blocks",
-                 "groups", "group_scores", "target", "options", "params_before", "params_after",
-                 "ratio_achieved", "steps"]
-        return {key: record[key] for key in order}
+        return {"format": PLAN_FORMAT, "method": self.method, "num_layers": self.num_layers,
+                "num_layers_after": len(self.layers), "remove_blocks": self.remove_blocks,
+                "removed_blocks": self.removed_blocks, "dropped_blocks": self.dropped_blocks,
+                "kept_blocks": self.kept_blocks, "layers": [layer.to_json() for layer in self.layers],
+                "groups": self.groups, "target": self.target, "options": self.options,
+                "params_before": self.params_before, "params_after": self.params_after,
+                "ratio_achieved": self.ratio_achieved, "cost": self.cost, "steps": self.steps}
 
     @classmethod
     def from_json(cls, record: dict) -> "Plan":
         """A Plan from `to_json` output; derived and extra keys (provenance, model) are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in record.items() if key in names})
+        if "layers" not in record:
+            raise ValueError("not a plan.json of format 2 (no `layers`); rerun the plan step")
+        names = {f.name for f in fields(cls)} - {"layers"}
+        return cls(layers=[Layer.from_json(layer) for layer in record["layers"]],
+                   **{key: value for key, value in record.items() if key in names})
+
+    def validate(self, layer_type=None) -> "Plan":
+        """Raise ValueError unless every source block appears once, in order, in runs of consecutive blocks.
+
+        `layer_type(block)`, where given, forbids flatten and merge layers that mix attention types.
+        """
+        seen: list[int] = []
+        for i, layer in enumerate(self.layers):
+            where = f"layers[{i}] ({layer.op} {layer.blocks})"
+            if layer.op not in OPS:
+                raise ValueError(f"{where}: op {layer.op!r} is not one of {', '.join(OPS)}")
+            blocks = layer.blocks
+            if not blocks or blocks != list(range(blocks[0], blocks[0] + len(blocks))):
+                raise ValueError(f"{where}: not a non-empty run of consecutive blocks in ascending order")
+            if blocks[0] < 0 or blocks[-1] >= self.num_layers:
+                raise ValueError(f"{where}: the model has blocks 0-{self.num_layers - 1} only")
+            if layer.op == "keep" and len(blocks) != 1:
+                raise ValueError(f"{where}: a kept layer has exactly one source block")
+            if layer.op in ("flatten", "merge", "patch") and len(blocks) < 2:
+                raise ValueError(f"{where}: {layer.op} needs two or more source blocks")
+            if layer.op == "merge":
+                if not layer.weights or not set(layer.weights) <= set(blocks):
+                    raise ValueError(f"{where}: a merge needs weights over its own blocks, got {layer.weights}")
+            elif layer.weights is not None:
+                raise ValueError(f"{where}: only merge layers carry weights")
+            if layer_type is not None and layer.op in ("flatten", "merge"):
+                types = {layer_type(b) for b in blocks}
+                if len(types) > 1:
+                    raise ValueError(f"{where}: mixes attention types {sorted(types)}; one block has one mask")
+            if seen and blocks[0] <= seen[-1]:
+                raise ValueError(f"{where}: overlaps or precedes the layer before it (blocks must appear once, in order)")
+            seen += blocks
+        if not self.layers:
+            raise ValueError("the plan has no layers")
+        return self
 
     def describe_groups(self) -> list[str]:
-        """One readable line per group, i.e. per block of the compressed model."""
-        scores = self.group_scores or [None] * len(self.groups)
-        width = len(str(len(self.groups) - 1))
+        """One readable line per block of the compressed model, then the dropped blocks."""
+        width = len(str(len(self.layers) - 1))
         lines = []
-        for new_index, (group, score) in enumerate(zip(self.groups, scores)):
+        for new_index, layer in enumerate(self.layers):
             head = f"new block {new_index:>{width}}: "
-            if len(group) == 1:
+            group = layer.blocks
+            if layer.op == "keep":
                 lines.append(head + f"block {group[0]} kept")
+            elif layer.op == "flatten":
+                score = "" if layer.score is None else f", S[{group[0]},{group[-1]}] = {layer.score:.4f}"
+                lines.append(head + f"blocks {span_text(group)} flattened ({len(group)} blocks{score})")
+            elif layer.op == "merge":
+                terms = " ".join(f"{w:+g}*theta_{b}" for b, w in sorted(layer.weights.items()))
+                lines.append(head + f"blocks {span_text(group)} merged: projections {terms}, norms of block {group[0]}")
             else:
-                score_text = "" if score is None else f", S[{group[0]},{group[-1]}] = {score:.4f}"
-                lines.append(head + f"blocks {span_text(group)} flattened ({len(group)} blocks{score_text})")
+                lines.append(head + f"block {group[0]} patched to stand in for blocks {span_text(group[1:])}")
+        if self.dropped_blocks:
+            lines.append(f"dropped: blocks {', '.join(map(str, self.dropped_blocks))}")
         return lines
 
 
@@ -155,8 +280,7 @@ def greedy_plan(similarity, k: int, max_group_size: int | None = None, protect_f
         g, h = groups[best], groups[best + 1]
         steps.append({"step": step, "left": g, "right": h, "merged": g + h, "score": float(best_score)})
         groups[best:best + 2] = [g + h]
-    return Plan(num_layers=num_layers, groups=groups, steps=steps, group_scores=group_scores(S, groups),
-                target={"remove_blocks": k},
+    return Plan.from_groups(num_layers, groups, group_scores(S, groups), steps=steps, target={"remove_blocks": k},
                 options={"max_group_size": max_group_size, "protect_first": protect_first,
                          "protect_last": protect_last, "source": "greedy"})
 
@@ -190,13 +314,8 @@ def _options(target: dict, options: dict | None) -> dict:
     return resolved
 
 
-def make_plan(similarity, param_counts: dict, target: dict, options: dict | None = None) -> Plan:
-    """A plan for `target` ({"remove_blocks": k}, {"ratio": r} or {"plan_file": path}), with parameter counts.
-
-    `param_counts` is {"total": int, "per_block": [int, ...]} as `Checkpoint.parameter_counts` gives it.
-    """
-    S = _check_similarity(similarity)
-    num_layers = S.shape[0] - 1
+def target_blocks(target: dict, param_counts: dict, num_layers: int) -> int:
+    """k, the blocks a target removes: remove_blocks as given, or round(ratio * total / per block)."""
     per_block = [int(n) for n in param_counts["per_block"]]
     total = int(param_counts["total"])
     if len(per_block) != num_layers:
@@ -205,24 +324,50 @@ def make_plan(similarity, param_counts: dict, target: dict, options: dict | None
     given = [key for key in TARGET_KEYS if target.get(key) is not None]
     if len(given) != 1:
         raise ValueError(f"target: give exactly one of remove_blocks, ratio or plan_file (got {given or 'none'})")
+    if given == ["plan_file"]:
+        raise ValueError("target: a plan_file lists its groups; it has no block count")
+    if given == ["ratio"]:
+        k = blocks_for_ratio(target["ratio"], total, per_block)
+        if not 1 <= k <= num_layers - 1:
+            share = float(np.mean(per_block)) / total
+            raise ValueError(f"ratio: {target['ratio']} of {total:,} parameters is {k} blocks of "
+                             f"{np.mean(per_block):,.0f} (one block is {share:.4f} of the model); give a ratio "
+                             f"that removes 1 to {num_layers - 1} blocks, i.e. between "
+                             f"{0.5 * share:.4f} and {(num_layers - 0.5) * share:.4f}")
+        return k
+    return check_remove_blocks(target["remove_blocks"], num_layers)
+
+
+def count_parameters(plan: Plan, param_counts: dict) -> Plan:
+    """Set the plan's parameter counts: every output layer has the width of one source block (its base)."""
+    per_block = [int(n) for n in param_counts["per_block"]]
+    total = int(param_counts["total"])
+    removed = sum(per_block[block] for block in plan.removed_blocks)
+    plan.params_before, plan.params_after = total, total - removed
+    plan.ratio_achieved = removed / total
+    return plan
+
+
+def make_plan(similarity, param_counts: dict, target: dict, options: dict | None = None) -> Plan:
+    """The flattening plan for `target` ({"remove_blocks": k}, {"ratio": r} or {"plan_file": path}).
+
+    `param_counts` is {"total": int, "per_block": [int, ...]} as `Checkpoint.parameter_counts` gives it.
+    """
+    S = _check_similarity(similarity)
+    num_layers = S.shape[0] - 1
+    given = [key for key in TARGET_KEYS if target.get(key) is not None]
     opts = _options(target, options)
     _check_options(**opts)
 
     if given == ["plan_file"]:
+        if len(param_counts["per_block"]) != num_layers:
+            target_blocks({"remove_blocks": 1}, param_counts, num_layers)  # raises the mismatch
         plan = plan_from_file(target["plan_file"], num_layers)
         _check_file_plan_options(plan, target["plan_file"], **opts)
-        plan.group_scores = group_scores(S, plan.groups)
+        for layer, score in zip(plan.layers, group_scores(S, plan.groups)):
+            layer.score = score
     else:
-        if given == ["ratio"]:
-            k = blocks_for_ratio(target["ratio"], total, per_block)
-            if not 1 <= k <= num_layers - 1:
-                share = float(np.mean(per_block)) / total
-                raise ValueError(f"ratio: {target['ratio']} of {total:,} parameters is {k} blocks of "
-                                 f"{np.mean(per_block):,.0f} (one block is {share:.4f} of the model); give a ratio "
-                                 f"that removes 1 to {num_layers - 1} blocks, i.e. between "
-                                 f"{0.5 * share:.4f} and {(num_layers - 0.5) * share:.4f}")
-        else:
-            k = check_remove_blocks(target["remove_blocks"], num_layers)
+        k = target_blocks(target, param_counts, num_layers)
         try:
             plan = greedy_plan(S, k, **opts)
         except ValueError as err:
@@ -230,10 +375,7 @@ def make_plan(similarity, param_counts: dict, target: dict, options: dict | None
             raise ValueError(f"{given[0]}: {target[given[0]]}{resolved}: {err}") from err
     plan.target = dict(target)
     plan.options = {**opts, "source": plan.options["source"]}
-    removed = sum(per_block[block] for block in plan.removed_blocks)
-    plan.params_before, plan.params_after = total, total - removed
-    plan.ratio_achieved = removed / total
-    return plan
+    return count_parameters(plan, param_counts)
 
 
 # ----------------------------------------------------------------------------- hand-written plans
@@ -287,7 +429,7 @@ def plan_from_file(path: str | Path, num_layers: int) -> Plan:
     if len(groups) == num_layers:
         raise ValueError(f"{where}: no group has more than one block, so nothing would be removed; "
                          "list at least one run of consecutive blocks, e.g. [4, 5]")
-    return Plan(num_layers=num_layers, groups=groups, target={"plan_file": str(path)},
+    return Plan.from_groups(num_layers, groups, target={"plan_file": str(path)},
                 options={"max_group_size": None, "protect_first": False, "protect_last": False, "source": "file"})
 
 
@@ -302,22 +444,3 @@ def _check_file_plan_options(plan: Plan, path, max_group_size, protect_first, pr
         if max_group_size is not None and len(group) > max_group_size:
             raise ValueError(f"plan_file {path}: the group of blocks {span_text(group)} has {len(group)} blocks, "
                              f"more than max_group_size={max_group_size}; split it or raise max_group_size")
-
-
-# ----------------------------------------------------------------------------- baselines on the same activations
-
-
-def shortgpt_blocks(block_influence: Sequence[float], k: int) -> list[int]:
-    """ShortGPT: the k blocks with the lowest BI_l (ties: lower index), in ascending order."""
-    bi = np.asarray(block_influence, dtype=np.float64)
-    check_remove_blocks(k, len(bi))
-    return sorted(int(b) for b in np.argsort(bi, kind="stable")[:k])
-
-
-def gromov_span(distance, k: int) -> list[int]:
-    """Gromov et al.: the blocks l..l+k-1 of the start l minimizing d(l, l+k) (ties: lower l)."""
-    D = _check_similarity(distance)
-    num_layers = D.shape[0] - 1
-    check_remove_blocks(k, num_layers)
-    start = int(np.argmin([D[l, l + k] for l in range(num_layers - k + 1)]))  # argmin returns the first minimum
-    return list(range(start, start + k))

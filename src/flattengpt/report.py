@@ -322,13 +322,16 @@ def plot_vs_blocks(df: pd.DataFrame, column: str, path: str | Path, ylabel: str,
     _save(figure, path)
 
 
-def plot_plan(cosine_csv: str | Path, plan_json: str | Path, path: str | Path, title: str) -> None:
-    """The block-input cosine similarity with the plan's flattened groups (two or more blocks) outlined."""
+def plot_plan(cosine_csv: str | Path, plan_jsons: dict[str, str | Path] | str | Path, path: str | Path,
+              title: str) -> None:
+    """The block-input cosine similarity with every method's choice overlaid (plots.plan_overlay)."""
+    from .plots import plan_overlay
     from .similarity import load_matrix
 
+    if not isinstance(plan_jsons, dict):
+        plan_jsons = {"plan": plan_jsons}
     matrix, labels = load_matrix(cosine_csv)
-    groups = [group for group in read_json(plan_json).get("groups", []) if len(group) >= 2]
-    heatmap(matrix, labels, title, path, groups=groups)
+    plan_overlay(matrix, labels, {name: read_json(p) for name, p in plan_jsons.items()}, title, path)
 
 
 # ----------------------------------------------------------------------------- generations

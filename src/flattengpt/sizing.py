@@ -88,10 +88,10 @@ CPU_FLOPS_PER_THREAD = 30e9
 DISK_BYTES_PER_S = 300e6
 HOST_DEVICE_BYTES_PER_S = 5e9
 RUNTIME_SAFETY = 2.0
-RUNTIME_FLOOR = {"activations": 120, "compress": 240, "perplexity": 120, "zero_shot": 240, "speed": 60,
+RUNTIME_FLOOR = {"activations": 120, "search": 240, "compress": 240, "perplexity": 120, "zero_shot": 240, "speed": 60,
                  "generate": 30, "similarity": 30}
-STAGES = ("activations", "similarity", "compress", "perplexity", "zero_shot", "speed", "generate")
-GPU_STAGES = ("activations", "compress", "perplexity", "zero_shot", "speed", "generate")
+STAGES = ("activations", "similarity", "search", "compress", "perplexity", "zero_shot", "speed", "generate")
+GPU_STAGES = ("activations", "search", "compress", "perplexity", "zero_shot", "speed", "generate")
 WHOLE_MODEL_STAGES = ("zero_shot", "speed", "generate")
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -344,7 +344,7 @@ def block_working_bytes(shapes: Shapes, tokens: int, seq_len: int, c: int, m: in
 def group_memory(shapes: Shapes, settings: Settings, group_size: int) -> dict:
     """Peak {"device", "host"} bytes of compressing one group of m blocks: compress.group_memory_bytes."""
     from .adapters import BlockShape
-    from .compress import group_memory_bytes
+    from .methods.flattengpt import group_memory_bytes
 
     shape = BlockShape(hidden_size=shapes.hidden, num_heads=shapes.heads, num_kv_heads=shapes.kv_heads,
                        head_dim=shapes.head_dim, intermediate_size=shapes.intermediate, qkv_bias=shapes.qkv_bias,
@@ -443,9 +443,26 @@ def stage_need(stage: str, shapes: Shapes, settings: Settings, attempt: int = 1)
         minutes = _minutes(stage, replace(settings, device="cpu"), flops, moved, attempt)
         return Need(stage, 0, math.ceil(host * HOST_SLACK) + HOST_BASE, 0, 0, minutes)
 
+    if stage == "search":
+        # SLEB (the costliest search): the running stream and a trial's stream over the calibration set,
+        # one block resident at a time; k rounds of at most L (L - 1) / 2 trial forwards + L main ones
+        block = shapes.block_params * (c + (w if cpu else 0))
+        device = max(V * H * c + LOGIT_CHUNK * V * 4, block + block_working_bytes(shapes, b * T, T, c, cpu=cpu))
+        host = 3 * hidden_state
+        forwards = max(k, 1) * (L * (L - 1) // 2 + L)
+        flops = forwards * _forward_flops(shapes, n * T, T, num_layers=1) + max(k, 1) * L * 2 * n * T * V * H
+        minutes = _minutes(stage, settings, flops, forwards * shapes.block_params * w, attempt)
+        return _finish(stage, settings, device, host, 3 * hidden_state, minutes, False, notes)
+
     if stage == "compress":
         m = settings.group_size
         output = (shapes.total_params - k * shapes.block_params) * w
+        if settings.method == "replaceme":  # one block's forward on the calibration set, two d x d float64 sums
+            device = shapes.block_params * c + block_working_bytes(shapes, b * T, T, c, cpu=cpu) + 3 * H * H * 8
+            flops = _forward_flops(shapes, n * T, T, num_layers=L - k + 1) + 2 * n * T * H * H * 2
+            minutes = _minutes(stage, settings, flops, output + shapes.total_params * w, attempt)
+            return _finish(stage, settings, device, 2 * hidden_state, output + 2 * hidden_state, minutes, False,
+                           notes)
         if settings.method != "flattengpt":  # drop / flatten-only: blocks copied or concatenated, no calibration
             device = 2 * m * shapes.block_params * c
             minutes = _minutes(stage, settings, 0, output + shapes.total_params * w, attempt)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -93,46 +94,99 @@ def similarity_stage(model_json: str | Path, act_dir: str | Path, out_dir: str |
                        provenance=provenance, note=note)
 
 
-def plan_stage(model_json: str | Path, cosine_csv: str | Path, target: dict, out_json: str | Path,
-               provenance: dict):
-    from .plan import make_plan
-    from .similarity import load_matrix
+def _choice(model: dict, spec: dict, target: dict):
+    """(method, k) of a plan or search job, checked before any work: k is None for a plan_file target."""
+    from .methods import MethodError, get_method
+    from .plan import target_blocks
 
-    model = read_json(model_json)
-    similarity, _ = load_matrix(cosine_csv)
-    provenance = {**provenance, "inputs": {"model_fingerprint": model["fingerprint"],
-                                           "cosine_sha256": file_sha256(cosine_csv)}}
-    options = {key: target.get(key) for key in ("max_group_size", "protect_first", "protect_last")}
-    plan = make_plan(similarity, model["parameters"], target, options)
+    method = get_method(spec)
+    if target.get("plan_file") and method.name not in ("flattengpt", "drop", "flatten-only"):
+        raise MethodError(f"method {method.name}: a plan_file lists flattening groups, which only flattengpt, "
+                          f"drop and flatten-only read; give this target remove_blocks or ratio instead")
+    num_layers = len(model["parameters"]["per_block"])
+    k = None if target.get("plan_file") else target_blocks(target, model["parameters"], num_layers)
+    return method, k
+
+
+def _write_plan(plan, method, target: dict, model: dict, out_json, provenance: dict, started: float):
+    from .plan import count_parameters
+
+    plan.method = method.name
+    plan.target = dict(target)
+    plan.options = {**plan.options, **method.choice_options(method.recorded_options())}
+    plan.cost = {"block_forwards": 0, **plan.cost, "seconds": round(time.perf_counter() - started, 3)}
+    count_parameters(plan, model["parameters"])
     for line in plan.describe_groups():
         log.info("%s", line)
-    log.info("removes %d of %d blocks: %.1fM -> %.1fM parameters (ratio %.4f)", plan.remove_blocks,
-             plan.num_layers, plan.params_before / 1e6, plan.params_after / 1e6, plan.ratio_achieved)
+    log.info("%s removes %d of %d blocks: %.1fM -> %.1fM parameters (ratio %.4f), %d block forwards",
+             method.name, plan.remove_blocks, plan.num_layers, plan.params_before / 1e6, plan.params_after / 1e6,
+             plan.ratio_achieved, plan.cost["block_forwards"])
     record = {**plan.to_json(), "model": {"path": model["path"], "note": model.get("note")},
               "provenance": provenance}
     write_json(out_json, record)
     return plan
 
 
-def compress_stage(model_json: str | Path, tokens: str | Path, plan_json: str | Path, out_dir: str | Path,
-                   state_dir: str | Path, method: dict, compute: dict, provenance: dict) -> dict:
-    """Apply a plan: FlattenGPT (flatten + prune), or the drop / flatten-only ablations."""
-    from .compress import compress_model
-    from .data import load_tokens
+def plan_stage(model_json: str | Path, similarity: dict, target: dict, method: dict, out_json: str | Path,
+               provenance: dict):
+    """A method's plan from the similarity views (`similarity`: cosine, angular_distance, block_influence CSVs)."""
+    from .methods import SimilarityViews
 
+    started = time.perf_counter()
     model = read_json(model_json)
-    plan = read_json(plan_json)
+    chosen, k = _choice(model, method, target)
+    if chosen.chooses_with != "similarity":
+        raise ValueError(f"method {chosen.name} chooses from the model (the search rule), not the similarity views")
+    views = SimilarityViews.load(similarity["cosine"], similarity.get("angular_distance"),
+                                 similarity.get("block_influence"))
+    provenance = {**provenance, "inputs": {"model_fingerprint": model["fingerprint"],
+                                           **{f"{name}_sha256": file_sha256(path) for name, path in similarity.items()}}}
+    plan = chosen.choose(k, views=views, target=target)
+    return _write_plan(plan, chosen, target, model, out_json, provenance, started)
+
+
+def search_stage(model_json: str | Path, tokens: str | Path, target: dict, method: dict, compute: dict,
+                 state_dir: str | Path | None, out_json: str | Path, provenance: dict):
+    """A method's plan from a search on the model and the calibration tokens (SLEB, LaCo, SLM); resumable."""
+    from .blockwise import BlockwiseModel
+    from .data import load_tokens
+    from .methods import SearchInputs
+
+    started = time.perf_counter()
+    model = read_json(model_json)
+    chosen, k = _choice(model, method, target)
+    if chosen.chooses_with != "model":
+        raise ValueError(f"method {chosen.name} chooses from the similarity views (the plan rule), not a search")
     input_ids, _ = load_tokens(tokens)
     provenance = {**provenance, "inputs": {"model_fingerprint": model["fingerprint"],
-                                           "tokens_sha256": file_sha256(tokens),
-                                           "plan_sha256": file_sha256(plan_json)}}
-    options = {key: method[key] for key in ("lambda_factor", "compensation_target", "attn_compensation",
-                                            "head_scoring", "solve_device", "solve_dtype") if key in method}
-    record = compress_model(model["path"], plan["groups"], input_ids, out_dir, method=method["method"],
+                                           "tokens_sha256": file_sha256(tokens)}}
+    runner = BlockwiseModel(model["path"], device=compute["device"], dtype=compute["dtype"])
+    search = SearchInputs(runner=runner, input_ids=input_ids, batch_size=compute["batch_size"],
+                          state_dir=Path(state_dir) if state_dir else None, log=log.info)
+    plan = chosen.choose(k, search=search, target=target)
+    return _write_plan(plan, chosen, target, model, out_json, provenance, started)
+
+
+def compress_stage(model_json: str | Path, tokens: str | Path | None, plan_json: str | Path, out_dir: str | Path,
+                   state_dir: str | Path, method: dict, compute: dict, provenance: dict) -> dict:
+    """Apply a method's plan: build every output layer and write a standard checkpoint."""
+    from .compress import compress_model
+    from .data import load_tokens
+    from .methods import get_method
+    from .plan import Plan
+
+    model = read_json(model_json)
+    chosen = get_method(method)
+    plan = Plan.from_json(read_json(plan_json))
+    input_ids = load_tokens(tokens)[0] if chosen.fits else None
+    inputs = {"model_fingerprint": model["fingerprint"], "plan_sha256": file_sha256(plan_json)}
+    if chosen.fits:
+        inputs["tokens_sha256"] = file_sha256(tokens)
+    record = compress_model(model["path"], plan, input_ids, out_dir, method=chosen,
                             device=compute["device"], dtype=compute["dtype"], batch_size=compute["batch_size"],
-                            state_dir=state_dir, provenance={**provenance, "model_note": model.get("note")},
-                            **options)
-    log.info("%s: %d -> %d blocks written to %s", method["method"], record["num_layers"]["original"],
+                            state_dir=state_dir, provenance={**provenance, "inputs": inputs,
+                                                             "model_note": model.get("note")})
+    log.info("%s: %d -> %d blocks written to %s", chosen.name, record["num_layers"]["original"],
              record["num_layers"]["compressed"], out_dir)
     return record
 
@@ -296,9 +350,9 @@ def report_stage(entries: list[dict], plans: list[dict], outputs: dict, provenan
         plot_vs_blocks(table, "mean_acc", path, ylabel="mean zero-shot accuracy (%)",
                        title="Mean zero-shot accuracy vs blocks removed")
     for plan in plans:
-        plot_plan(plan["cosine_csv"], plan["plan_json"], plan["figure"],
-                  title=f"{plan['model']} / {plan['calibration']} / {plan['target']}: cosine similarity, "
-                        "flattened groups outlined")
+        plot_plan(plan["cosine_csv"], plan["plan_jsons"], plan["figure"],
+                  title=f"{plan['model']} / {plan['calibration']} / {plan['target']}: cosine similarity and "
+                        "every method's choice")
 
     generations = [(variant_label(e), read_json(e["generations"])) for e in entries
                    if e.get("generations") and Path(e["generations"]).is_file()]

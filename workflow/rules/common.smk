@@ -36,7 +36,7 @@ def all_outputs():
     outputs = []
     for run in runs(config):
         wc = dict(model=run["model"], calib=run["calibration"], target=run["target"])
-        outputs += expand("results/{model}/{calib}/{target}/plan.json", **wc)
+        outputs += expand("results/{model}/{calib}/{target}/{method}/plan.json", method=config["methods"], **wc)
         outputs += expand("results/{model}/{calib}/{target}/{method}/model", method=config["methods"], **wc)
         outputs += expand("results/{model}/{calib}/similarity/{file}", file=SIMILARITY_FILES, **wc)
     return outputs + report_outputs()
@@ -320,17 +320,53 @@ def model_source_files(wildcards):
     return [str(f) for f in files]
 
 
-def plan_file_input(wildcards):
-    spec = target_spec(wildcards)
-    return [spec["plan_file"]] if spec.get("plan_file") else []
+def _method_class(wildcards):
+    from flattengpt.methods import method_class
+
+    return method_class(config["methods"][wildcards.method]["method"])
+
+
+def method_names_regex(chooses_with):
+    """The config's method names whose choice runs in the plan rule ("similarity") or the search rule ("model")."""
+    import re
+
+    from flattengpt.methods import method_class
+
+    names = [name for name, spec in config["methods"].items()
+             if method_class(spec["method"]).chooses_with == chooses_with]
+    return "|".join(re.escape(name) for name in names) or "(?!)"  # (?!) matches nothing
+
+
+def choice_params(wildcards):
+    """The options that change a method's choice: only these reach the plan and search rules."""
+    spec = config["methods"][wildcards.method]
+    return {"method": spec["method"], **_method_class(wildcards).choice_options(spec)}
 
 
 def method_params(wildcards):
-    """The method's settings; only those it uses, so that e.g. lambda never reruns `drop`."""
+    """The options that change how a method builds its layers; a method without fit options never reruns for one."""
     spec = config["methods"][wildcards.method]
-    if spec["method"] != "flattengpt":
-        return {"method": spec["method"]}
-    return dict(spec)
+    return {"method": spec["method"], **_method_class(wildcards).fit_options(spec)}
+
+
+def plan_inputs(wildcards):
+    base = f"results/{wildcards.model}/{wildcards.calib}/similarity"
+    inputs = {"model": f"results/{wildcards.model}/model.json", "cosine": f"{base}/cosine.csv",
+              "angular_distance": f"{base}/angular_distance.csv", "block_influence": f"{base}/block_influence.csv"}
+    spec = target_spec(wildcards)
+    if spec.get("plan_file"):
+        inputs["plan_file"] = spec["plan_file"]
+    return inputs
+
+
+def compress_inputs(wildcards):
+    """The model and the method's plan, and the calibration tokens for methods that fit on them."""
+    run = f"results/{wildcards.model}/{wildcards.calib}"
+    inputs = {"model": f"results/{wildcards.model}/model.json",
+              "plan": f"{run}/{wildcards.target}/{wildcards.method}/plan.json"}
+    if _method_class(wildcards).fits:
+        inputs["tokens"] = f"{run}/tokens.safetensors"
+    return inputs
 
 
 def compute_params(wildcards):
@@ -352,7 +388,7 @@ def report_entries():
             "model_json": f"results/{model}/model.json",
             "model_dir": None if dense else f"{base}/model",
             "compression_json": None if dense else f"{base}/model/compression.json",
-            "plan_json": None if dense else f"results/{model}/{calib}/{target}/plan.json",
+            "plan_json": None if dense else f"results/{model}/{calib}/{target}/{method}/plan.json",
             "perplexity": {c: f"{base}/eval/perplexity/{c}.json" for c in evaluation["perplexity"]["corpora"]},
             "zero_shot": {t: f"{base}/eval/zero_shot/{t}.json" for t in evaluation["zero_shot"]["tasks"]},
             "speed": f"{base}/eval/speed.json" if evaluation["speed"]["enabled"] and not dense else None,
@@ -362,8 +398,10 @@ def report_entries():
 
 
 def report_plans():
+    """One figure per (model, calibration, target): the cosine heatmap with every method's plan on it."""
     return [{"model": run["model"], "calibration": run["calibration"], "target": run["target"],
              "cosine_csv": f"results/{run['model']}/{run['calibration']}/similarity/cosine.csv",
-             "plan_json": f"results/{run['model']}/{run['calibration']}/{run['target']}/plan.json",
+             "plan_jsons": {method: f"results/{run['model']}/{run['calibration']}/{run['target']}/{method}/plan.json"
+                            for method in config["methods"]},
              "figure": f"results/report/plans/{run['model']}.{run['calibration']}.{run['target']}.png"}
             for run in runs(config)]

@@ -1,9 +1,7 @@
 rule compress:
-    """Turn a plan into a smaller standard checkpoint (FlattenGPT, or the drop / flatten-only ablations)."""
+    """Turn a method's plan into a smaller standard checkpoint (every method; fitting ones read the tokens)."""
     input:
-        model="results/{model}/model.json",
-        tokens="results/{model}/{calib}/tokens.safetensors",
-        plan="results/{model}/{calib}/{target}/plan.json",
+        unpack(compress_inputs),
     output:
         directory("results/{model}/{calib}/{target}/{method}/model"),
     params:

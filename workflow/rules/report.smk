@@ -6,7 +6,7 @@ rule report:
     input:
         evaluations=[f for model, variant in evaluated_variants() for f in evaluation_outputs(model, variant)],
         checkpoints=[f"results/{model}/{variant}/model" for model, variant in compressed_variants()],
-        plans=[plan["plan_json"] for plan in report_plans()],
+        plans=[path for plan in report_plans() for path in plan["plan_jsons"].values()],
         cosine=[plan["cosine_csv"] for plan in report_plans()],
     output:
         csv=report("results/report/results.csv", caption="../report/results.rst", category="1. Results"),

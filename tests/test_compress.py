@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flattengpt import compress, prune
 from flattengpt.compress import CompressionError, compress_model
+from flattengpt.methods import flattengpt as flattengpt_method
 
 from .models_for_tests import STORIES, make_model, make_model_with_tokenizer
 from .test_flatten import grouped_reference_logits, load_reference, make_variant
@@ -137,31 +138,62 @@ def test_drop_equals_deleting_blocks(tmp_path):
         got = model(ids).logits
     torch.testing.assert_close(got, grouped_reference_logits(load_reference(model_dir), ids, [[0], [1], [3]]),
                                rtol=1e-5, atol=1e-5)
+    # the ablations fit nothing: a fit option given to them is a mistake, not silently ignored
+    for method in ("drop", "flatten-only"):
+        with pytest.raises(CompressionError, match=f"method {method}: unknown option.*lambda_factor.*allowed: none"):
+            compress_model(model_dir, PLAN, calibration(), tmp_path / "bad", method=method, lambda_factor=1.0)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.*"))
+
+
+def plan_record(*layers, num_layers=4):
+    """A plan.json record (format 2) of the given (op, blocks) layers."""
+    return {"num_layers": num_layers, "layers": [{"op": op, "blocks": blocks} for op, blocks in layers]}
 
 
 @pytest.mark.parametrize("plan,message", [
+    # a partition (list of groups) is checked by the driver against the model's blocks
     ([[0], [1, 2]], r"does not match the model.*missing \[3\]"),
     ([[0, 1], [1, 2], [3]], r"does not match the model.*repeated \[1\]"),
-    ([[0], [2, 1], [3]], r"group 1 \(blocks 2, 1\): not a contiguous"),
-    ([[0], [1, 3], [2]], r"group 1 \(blocks 1, 3\): not a contiguous"),
-    ([[0], [1, 2], [3, 4]], r"group 2 \(blocks 3, 4\): the model has blocks 0-3"),
+    ([[0], [2, 1], [3]], r"does not match the model: its groups must partition blocks 0-3 in order.*"
+                         r"plan \[\[0\], \[2, 1\], \[3\]\]"),
+    ([[0], [1, 3], [2]], r"does not match the model: its groups must partition blocks 0-3 in order.*"
+                         r"plan \[\[0\], \[1, 3\], \[2\]\]"),
+    ([[0], [1, 2], [3, 4]], r"does not match the model: its groups must partition blocks 0-3 in order.*"
+                            r"plan \[\[0\], \[1, 2\], \[3, 4\]\]"),
+    ([[0], [], [1, 2, 3]], r"group 1 is empty"),
     ([], "no groups"),
+    # a plan record is checked by Plan.validate, which names the layer
+    (plan_record(("keep", [0]), ("flatten", [2, 1]), ("keep", [3])),
+     r"layers\[1\] \(flatten \[2, 1\]\): not a non-empty run of consecutive blocks"),
+    (plan_record(("keep", [0]), ("flatten", [1, 3]), ("keep", [2])),
+     r"layers\[1\] \(flatten \[1, 3\]\): not a non-empty run of consecutive blocks"),
+    (plan_record(("keep", [0]), ("flatten", [1, 2]), ("flatten", [3, 4])),
+     r"layers\[2\] \(flatten \[3, 4\]\): the model has blocks 0-3 only"),
+    (plan_record(("flatten", [0, 1]), ("flatten", [1, 2]), ("keep", [3])),
+     r"layers\[1\] \(flatten \[1, 2\]\): overlaps or precedes the layer before it"),
+    (plan_record(("keep", [0]), ("keep", [1, 2]), ("keep", [3])),
+     r"layers\[1\] \(keep \[1, 2\]\): a kept layer has exactly one source block"),
+    (plan_record(("keep", [0]), ("squash", [1, 2]), ("keep", [3])), r"layers\[1\] \(squash \[1, 2\]\): op 'squash'"),
+    (plan_record(("keep", [0]), ("flatten", [1, 2]), ("keep", [3]), ("keep", [4]), num_layers=5),
+     r"the plan is for a model of 5 blocks; this one has 4"),
+    (plan_record(), "the plan has no layers"),
 ])
 def test_bad_plans_raise_and_leave_nothing_behind(tmp_path, plan, message):
     model_dir = make_model(tmp_path, "llama")
     with pytest.raises(CompressionError, match=message):
-        compress_model(model_dir, plan, calibration(), tmp_path / "out")
+        compress_model(model_dir, plan, calibration(), tmp_path / "out", state_dir=tmp_path / "state")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    assert not (tmp_path / "state").exists(), "a bad plan is rejected before any work"
 
 
-def test_non_finite_activations_and_failing_solves_name_the_group(tmp_path, monkeypatch):
+def test_non_finite_activations_and_failing_solves_name_the_layer(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
     model_dir = make_model(tmp_path, "llama")
     tensors = load_file(model_dir / "model.safetensors")
     tensors["model.layers.2.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CompressionError, match=r"group 1 \(blocks 1-2\): non-finite activations"):
+    with pytest.raises(CompressionError, match=r"layer 1 \(blocks 1-2\), flatten: non-finite activations"):
         compress_model(model_dir, PLAN, calibration(), tmp_path / "out", state_dir=tmp_path / "state")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
@@ -171,7 +203,7 @@ def test_non_finite_activations_and_failing_solves_name_the_group(tmp_path, monk
         raise torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be completed")
 
     monkeypatch.setattr(prune, "cholesky_lower_", failing)
-    with pytest.raises(CompressionError, match=r"group 1 \(blocks 1-2\): linalg.cholesky"):
+    with pytest.raises(CompressionError, match=r"layer 1 \(blocks 1-2\), flatten: linalg.cholesky"):
         compress_model(good, PLAN, calibration(), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
     with pytest.raises(CompressionError, match="compensation_target"):
@@ -185,14 +217,24 @@ def test_interrupted_run_resumes_to_identical_output(tmp_path, monkeypatch, meth
     small = {"max_shard_bytes": 150_000, "method": method}  # several shards, some groups left pending at the stop
     reference = compress_model(model_dir, plan, ids, tmp_path / "ref", **small)
 
-    original = compress.compress_group if method == "flattengpt" else compress._flatten_only
+    if method == "flattengpt":  # the FlattenGPT math, called by FlattenGPT.build for every layer
+        original = flattengpt_method.compress_group
 
-    def interrupted(runner, group, *args, **kwargs):
-        if group == [4]:
-            raise KeyboardInterrupt("simulated kill in the last group")
-        return original(runner, group, *args, **kwargs)
+        def interrupted(runner, group, *args, **kwargs):
+            if group == [4]:
+                raise KeyboardInterrupt("simulated kill in the last group")
+            return original(runner, group, *args, **kwargs)
 
-    monkeypatch.setattr(compress, "compress_group" if method == "flattengpt" else "_flatten_only", interrupted)
+        monkeypatch.setattr(flattengpt_method, "compress_group", interrupted)
+    else:
+        original = flattengpt_method.FlattenOnly.build
+
+        def interrupted(self, ctx, layer, hidden):
+            if layer.blocks == [4]:
+                raise KeyboardInterrupt("simulated kill in the last group")
+            return original(self, ctx, layer, hidden)
+
+        monkeypatch.setattr(flattengpt_method.FlattenOnly, "build", interrupted)
     with pytest.raises(KeyboardInterrupt):
         compress_model(model_dir, plan, ids, tmp_path / "out", state_dir=tmp_path / "state", **small)
     assert not (tmp_path / "out").exists()
@@ -219,14 +261,14 @@ def test_resume_state_of_other_options_is_discarded(tmp_path, monkeypatch):
     model_dir = make_model(tmp_path, "llama")
     ids = calibration()
 
-    original = compress.compress_group
+    original = flattengpt_method.compress_group
 
     def interrupted(runner, group, *args, **kwargs):
         if group == [3]:
             raise KeyboardInterrupt
         return original(runner, group, *args, **kwargs)
 
-    monkeypatch.setattr(compress, "compress_group", interrupted)
+    monkeypatch.setattr(flattengpt_method, "compress_group", interrupted)
     with pytest.raises(KeyboardInterrupt):
         compress_model(model_dir, PLAN, ids, tmp_path / "out", state_dir=tmp_path / "state", lambda_factor=10.0)
     monkeypatch.undo()
@@ -247,7 +289,8 @@ def test_real_model_stories260k(tmp_path):
     plan = [[0], [1, 2], [3, 4]]
     for method in ("flattengpt", "drop"):
         out = tmp_path / method
-        record = compress_model(STORIES, plan, ids, out, method=method, batch_size=2, compensation_target="original")
+        options = {"compensation_target": "original"} if method == "flattengpt" else {}  # drop has no options
+        record = compress_model(STORIES, plan, ids, out, method=method, batch_size=2, **options)
         model = AutoModelForCausalLM.from_pretrained(out).eval()
         assert model.config.num_hidden_layers == 3 and model.config.tie_word_embeddings
         assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (8, 4, 8)
@@ -270,7 +313,7 @@ def test_source_dtype_is_kept(tmp_path):
     compress_model(tmp_path / "bf16", PLAN, calibration(), tmp_path / "out", log=messages.append)
     assert {t.dtype for t in all_tensors(tmp_path / "out").values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
-    assert any("group 1 (blocks 1-2) done" in m and "MLP" in m for m in messages)
+    assert any("layer 1 (blocks 1-2), flatten done" in m and "MLP" in m for m in messages)
 
 
 def test_untouched_blocks_are_bit_exact_and_targets_are_formed_in_float32(tmp_path, monkeypatch):

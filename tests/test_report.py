@@ -28,13 +28,14 @@ SHAPES = {3: {"embed": (25, 20), "blocks": (5, 50)},   # 500 + 250 = 750 paramet
 NUMEL = {3: 750, 6: 500}
 
 EXPECTED_COLUMNS = [
-    "model", "calibration", "method", "target", "blocks_removed", "num_layers", "parameters", "param_ratio",
+    "model", "calibration", "method", "method_type", "target", "blocks_removed", "num_layers", "parameters",
+    "param_ratio",
     "ppl_c4", "ppl_wikitext2",
     "piqa", "piqa_stderr", "winogrande", "winogrande_stderr", "hellaswag", "hellaswag_stderr",
     "arc_easy", "arc_easy_stderr", "arc_challenge", "arc_challenge_stderr", "boolq", "boolq_stderr",
     "mean_acc", "n_tasks", "retention", "prefill_speedup", "decode_speedup", "ideal_speedup",
     "prefill_tokens_per_s", "decode_ms_per_token", "kv_cache_bytes_per_token", "peak_memory_mib",
-    "compression_seconds", "compression_peak_rss_mib", "size_on_disk_mb",
+    "choice_seconds", "choice_block_forwards", "compression_seconds", "compression_peak_rss_mib", "size_on_disk_mb",
 ]
 
 
@@ -262,12 +263,24 @@ def test_plot_plan(tmp_path):
     matrix = 1.0 - np.abs(index[:, None] - index[None, :]) / (LAYERS + 1)
     cosine = tmp_path / "cosine.csv"
     pd.DataFrame(matrix, index=labels, columns=labels).to_csv(cosine)
-    plan = tmp_path / "plan.json"
-    write_json(plan, {"groups": [[0], [1, 2, 3], [4], [5], [6, 7], *[[b] for b in range(8, LAYERS)]],
-                      "remove_blocks": 3, "num_layers": LAYERS})
-    figure = tmp_path / "plans" / "plan.png"
-    report.plot_plan(cosine, plan, figure, title="tiny-12 / wiki-seed0 / remove-3")
-    assert is_png(figure)
+    from flattengpt.plan import Layer, Plan
+
+    flattening = Plan.from_groups(LAYERS, [[0], [1, 2, 3], [4], [5], [6, 7], *[[b] for b in range(8, LAYERS)]])
+    shortgpt = Plan.from_kept(LAYERS, [b for b in range(LAYERS) if b not in (2, 5, 9)])
+    merged = Plan(LAYERS, [*[Layer("keep", [b]) for b in range(8)], Layer("merge", [8, 9, 10], {8: -1, 9: 1, 10: 1}),
+                           Layer("keep", [11])])
+    plans = {}
+    for name, plan in (("flattengpt", flattening), ("shortgpt", shortgpt), ("laco", merged)):
+        plans[name] = tmp_path / f"{name}.json"
+        write_json(plans[name], plan.validate().to_json())
+    one, three = tmp_path / "plans" / "one.png", tmp_path / "plans" / "three.png"
+    report.plot_plan(cosine, {"flattengpt": plans["flattengpt"]}, one, title="tiny-12 / wiki-seed0 / remove-3")
+    report.plot_plan(cosine, plans, three, title="tiny-12 / wiki-seed0 / remove-3")
+    assert is_png(one) and is_png(three)
+    from PIL import Image
+
+    # one strip per method under the heatmap
+    assert Image.open(three).size[1] > Image.open(one).size[1]
 
 
 def test_generations_markdown(entries):

@@ -74,33 +74,40 @@ def format_plan(path: Path) -> str:
     except (OSError, ValueError, TypeError) as err:
         raise CliError(f"{path} is not a plan.json ({err})") from err
     options = plan.options
-    source = options.get("source", "greedy")
+    source = options.get("source")
+    flattening = source is not None  # the greedy flattening plan or a plan file (flattengpt, drop, flatten-only)
     target = ", ".join(f"{k}={v}" for k, v in plan.target.items() if v is not None) or "-"
+    how = {"greedy": "greedy flattening plan", "file": "plan written by hand"}.get(source, "its own choice")
+    shown = {k: v for k, v in options.items() if k not in ("source", "groups")}
     summary = [
-        ("method", f"{plan.method} ({'greedy search' if source == 'greedy' else 'plan written by hand'})"),
+        ("method", f"{plan.method} ({how})"),
         ("target", target),
-        ("options", f"max_group_size={options.get('max_group_size') or 'unlimited'}, "
-                    f"protect_first={options.get('protect_first', False)}, "
-                    f"protect_last={options.get('protect_last', False)}"),
-        ("blocks", f"{plan.num_layers} -> {len(plan.groups)} (k = {plan.remove_blocks} removed)"),
+        ("options", ", ".join(f"{k}={'unlimited' if k == 'max_group_size' and v is None else v}"
+                              for k, v in shown.items()) or "-"),
+        ("blocks", f"{plan.num_layers} -> {len(plan.layers)} (k = {plan.remove_blocks} removed)"),
         ("removed blocks", ", ".join(map(str, plan.removed_blocks)) or "none"),
     ]
     if plan.params_before is not None:
         summary.append(("parameters", f"{plan.params_before:,} -> {plan.params_after:,} "
                                       f"(ratio removed {plan.ratio_achieved:.4f})"))
+    if plan.cost:
+        summary.append(("choice cost", ", ".join(f"{k}={v}" for k, v in plan.cost.items())))
     note = (record.get("model") or {}).get("note")
     if note:
         summary.append(("note", note))
     lines = [f"== plan {path}"] + [f"  {name:<15} {value}" for name, value in summary]
-    lines += ["", "  groups (one line per block of the compressed model):"]
+    lines += ["", "  layers (one line per block of the compressed model):"]
     lines += [f"    {line}" for line in plan.describe_groups()]
     lines.append("")
-    if plan.steps:
+    if plan.steps and flattening:
         lines.append("  greedy steps (merge the adjacent pair with the largest S[a, c]):")
         rows = [(s["step"], span_text(s["left"]), span_text(s["right"]), span_text(s["merged"]),
                  f"{s['score']:.6f}") for s in plan.steps]
         lines.append(table(["step", "left", "right", "merged", "score S[a,c]"], rows, indent="    "))
-    else:
+    elif plan.steps:
+        lines.append(f"  trace of the choice ({len(plan.steps)} steps; all of them in plan.json):")
+        lines += [f"    {json.dumps(step, sort_keys=False)[:160]}" for step in plan.steps[:20]]
+    elif flattening:
         lines.append(f"  no greedy steps: the groups come from {plan.target.get('plan_file', 'a plan file')}")
     return "\n".join(lines)
 

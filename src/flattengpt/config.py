@@ -248,6 +248,41 @@ def check_config(config: dict) -> None:
             layer_counts.setdefault(run["target"], {})[run["model"]] = model_config["num_hidden_layers"]
     for name, spec in config.get("targets", {}).items():
         _check_target(name, spec, layer_counts.get(name, {}), errors)
+    _check_methods(config, layer_counts, errors)
     _check_evaluation(config, errors)
     if errors:
         raise ConfigError(errors)
+
+
+FLATTENING_METHODS = ("flattengpt", "drop", "flatten-only")
+
+
+def _check_methods(config: dict, layer_counts: dict[str, dict[str, int]], errors: list[str]) -> None:
+    """Every method's options, and every (target, method) pair it will run: plan files, block counts."""
+    from .methods import MethodError, get_method
+
+    methods = {}
+    for name, spec in config.get("methods", {}).items():
+        try:
+            methods[name] = get_method(spec)
+        except MethodError as err:
+            errors.append(f"methods.{name}: {err}")
+    for target, spec in config.get("targets", {}).items():
+        for name, method in methods.items():
+            if spec.get("plan_file") and method.name not in FLATTENING_METHODS:
+                errors.append(f"targets.{target}.plan_file: method {name!r} ({method.name}) chooses its own blocks; "
+                              f"a plan file only replaces the flattening plan of {', '.join(FLATTENING_METHODS)}. "
+                              "Give this target remove_blocks or ratio, or run that method on another target")
+            k = spec.get("remove_blocks")
+            if k is None or method.name in FLATTENING_METHODS:
+                continue  # the flattening plan's limit is checked with the target; ratios once the model is known
+            for model, num_layers in layer_counts.get(target, {}).items():
+                try:
+                    limit = method.max_removable(num_layers)
+                except MethodError as err:  # options that do not fit this model (e.g. a window past its top)
+                    errors.append(f"methods.{name} on model {model!r} ({num_layers} blocks): {err}")
+                    continue
+                if k > limit:
+                    errors.append(f"targets.{target}.remove_blocks: {k} blocks cannot be removed from model {model!r} "
+                                  f"({num_layers} blocks) by methods.{name} ({method.name}, at most {limit} with "
+                                  "its options); lower it or relax the method's options")

@@ -146,6 +146,10 @@ def _row(entry: dict, corpora: list[str], tasks: list[str]) -> dict:
         row[name] = 1.0 if dense else _float(_get(speed, "ratios", "compressed", name))
     for name in INFERENCE:
         row[name] = NAN if dense else _float(_get(speed, "models", "compressed", name))
+    row["method_type"] = "dense" if dense else plan.get("method") or compression.get("method")
+    # what the method's choice cost (plan or search rule) and what building the layers cost (compress rule)
+    row["choice_seconds"] = _float(_get(plan, "cost", "seconds"))
+    row["choice_block_forwards"] = _float(_get(plan, "cost", "block_forwards"))
     row["compression_seconds"] = _float(_get(compression, "timings", "seconds"))
     row["compression_peak_rss_mib"] = _float(compression.get("peak_rss_mib"))
     row["size_on_disk_mb"] = size_on_disk_mb(model_dir)
@@ -195,11 +199,11 @@ def results_table(entries: list[dict]) -> pd.DataFrame:
     corpora = sorted({corpus for e in entries for corpus in (e.get("perplexity") or {})})
     tasks = _task_order(task for e in entries for task in (e.get("zero_shot") or {}))
     rows = sorted((_row(entry, corpora, tasks) for entry in entries), key=_sort_key)
-    columns = (["model", "calibration", "method", "target", "blocks_removed", "num_layers", "parameters",
-                "param_ratio"] + [f"ppl_{c}" for c in corpora]
+    columns = (["model", "calibration", "method", "method_type", "target", "blocks_removed", "num_layers",
+                "parameters", "param_ratio"] + [f"ppl_{c}" for c in corpora]
                + [name for t in tasks for name in (t, f"{t}_stderr")]
-               + ["mean_acc", "n_tasks", "retention", *SPEEDUPS, *INFERENCE, "compression_seconds",
-                  "compression_peak_rss_mib", "size_on_disk_mb"])
+               + ["mean_acc", "n_tasks", "retention", *SPEEDUPS, *INFERENCE, "choice_seconds",
+                  "choice_block_forwards", "compression_seconds", "compression_peak_rss_mib", "size_on_disk_mb"])
     table = pd.DataFrame(rows, columns=columns)
 
     inference = _dense_inference(entries)

@@ -457,9 +457,10 @@ def stage_need(stage: str, shapes: Shapes, settings: Settings, attempt: int = 1)
     if stage == "compress":
         m = settings.group_size
         output = (shapes.total_params - k * shapes.block_params) * w
-        if settings.method == "replaceme":  # one block's forward on the calibration set, two d x d float64 sums
-            device = shapes.block_params * c + block_working_bytes(shapes, b * T, T, c, cpu=cpu) + 3 * H * H * 8
-            flops = _forward_flops(shapes, n * T, T, num_layers=L - k + 1) + 2 * n * T * H * H * 2
+        if settings.method == "replaceme":  # the patched block and the k removed ones resident; two d x d float64 sums
+            device = ((k + 1) * shapes.block_params * c + block_working_bytes(shapes, b * T, T, c, cpu=cpu)
+                      + 6 * H * H * 8)
+            flops = _forward_flops(shapes, n * T, T, num_layers=L + 1) + 4 * n * T * H * H + 2 * H ** 3
             minutes = _minutes(stage, settings, flops, output + shapes.total_params * w, attempt)
             return _finish(stage, settings, device, 2 * hidden_state, output + 2 * hidden_state, minutes, False,
                            notes)

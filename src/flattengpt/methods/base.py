@@ -159,6 +159,10 @@ class Method:
         """The tensors of output layer `layer`; `hidden` is its calibration input when `fits`."""
         return build_standard(ctx, layer)
 
+    def max_removable(self, num_layers: int) -> int:
+        """The most blocks this method can remove from a model of `num_layers` blocks with its options."""
+        return num_layers - 1
+
     def output_shape(self, adapter, plan: Plan):
         """The block shape every output layer is saved with (one uniform checkpoint)."""
         return adapter.shape

@@ -26,8 +26,14 @@ next block writes into, `BlockwiseModel.run_block`):
                  disk    (L+1) * n*T'*H*s + 2 * n*T*H*c                  layer files + resume state (old and new
                                                                         while it is rewritten atomically);
                                                                         T' = T, or max(1, max_tokens // n)
-    compress     device  group_memory_bytes(...)["device"]              compress.py, one group of m blocks
+    search       device  max(V*H*c + 512*V*4, P_b*c + block_working(b*T)) SLEB, the costliest search (methods/sleb.py):
+                 host    3 * n*T*H*c                                    the running stream, a trial's stream and its
+                                                                        output; k rounds of L(L-1)/2 + L forwards
+                                                                        (LaCo, SLM: a few samples, far less)
+    compress     device  group_memory_bytes(...)["device"]              methods/flattengpt.py, one group of m blocks
                  host    group_memory_bytes(...)["host"]                 2 copies of the hidden state included
+                 (replaceme: device (k+1)*P_b*c + block_working + 6*H^2*8, host 2 * n*T*H*c; drop, shortgpt,
+                 gromov, sleb, laco, slm: copies and sums, 2*m*P_b*c)
                  disk    (P - k*P_b)*w + 2 * n*T*H*c                     compressed checkpoint + resume hidden
                                                                         (the next one is written before the last
                                                                         is deleted)
@@ -272,6 +278,8 @@ class Settings:
     solve_device: str = "auto"  # methods.<name>.solve_device: auto (where the Gram sums are) or host
     remove_blocks: int | None = None  # k; None: unknown (then no blocks are counted as removed)
     group_size: int = 2  # m, blocks per flattened group
+    search_samples: int | None = None  # methods.<name>.samples of a search (SLEB: null = all; LaCo/SLM: 10)
+    search_sample_len: int | None = None  # methods.<name>.sample_len (LaCo/SLM; SLEB: the whole windows)
 
     @classmethod
     def from_config(cls, config: Mapping, *, calibration: Mapping | None = None, method: Mapping | None = None,
@@ -302,6 +310,7 @@ class Settings:
             gpu_memory_bytes=int(config["cluster"]["gpu_memory_gb"] * GIB),
             ppl_windows_per_pass=perplexity.get("checkpoint_every"),
             device_map=evaluation.get("device_map"),
+            search_samples=method.get("samples"), search_sample_len=method.get("sample_len"),
         )
         values.update(overrides)
         return cls(**values)
@@ -342,7 +351,7 @@ def block_working_bytes(shapes: Shapes, tokens: int, seq_len: int, c: int, m: in
 
 
 def group_memory(shapes: Shapes, settings: Settings, group_size: int) -> dict:
-    """Peak {"device", "host"} bytes of compressing one group of m blocks: compress.group_memory_bytes."""
+    """Peak {"device", "host"} bytes of compressing one group of m blocks: methods.flattengpt.group_memory_bytes."""
     from .adapters import BlockShape
     from .methods.flattengpt import group_memory_bytes
 
@@ -444,15 +453,25 @@ def stage_need(stage: str, shapes: Shapes, settings: Settings, attempt: int = 1)
         return Need(stage, 0, math.ceil(host * HOST_SLACK) + HOST_BASE, 0, 0, minutes)
 
     if stage == "search":
-        # SLEB (the costliest search): the running stream and a trial's stream over the calibration set,
-        # one block resident at a time; k rounds of at most L (L - 1) / 2 trial forwards + L main ones
+        # the running stream and a trial's stream (SLEB) or the cached original stream (LaCo, SLM) of the
+        # search's tokens, one block resident at a time (more while they fit in the budget)
+        ns = min(n, settings.search_samples or n)
+        Ts = min(T, settings.search_sample_len or T)
         block = shapes.block_params * (c + (w if cpu else 0))
-        device = max(V * H * c + LOGIT_CHUNK * V * 4, block + block_working_bytes(shapes, b * T, T, c, cpu=cpu))
-        host = 3 * hidden_state
-        forwards = max(k, 1) * (L * (L - 1) // 2 + L)
-        flops = forwards * _forward_flops(shapes, n * T, T, num_layers=1) + max(k, 1) * L * 2 * n * T * V * H
-        minutes = _minutes(stage, settings, flops, forwards * shapes.block_params * w, attempt)
-        return _finish(stage, settings, device, host, 3 * hidden_state, minutes, False, notes)
+        device = max(V * H * c + LOGIT_CHUNK * V * 4, block + block_working_bytes(shapes, b * Ts, Ts, c, cpu=cpu))
+        if settings.method in ("laco", "slm"):
+            # X_0..X_L of the samples cached; ~2 L trials of up to L forwards per search, repeats memoized
+            host = (L + 3) * ns * Ts * H * c
+            forwards = L + 2 * L * L
+        else:  # sleb: k rounds of at most L (L - 1) / 2 + L forwards
+            host = 3 * ns * Ts * H * c
+            forwards = max(k, 1) * (L * (L - 1) // 2 + L)
+        flops = forwards * _forward_flops(shapes, ns * Ts, Ts, num_layers=1) + forwards * 2 * ns * Ts * V * H / L
+        minutes = _minutes(stage, settings, flops, L * shapes.block_params * w, attempt)
+        if minutes > 7 * 24 * 60:
+            notes.append(f"search ({settings.method}): about {minutes / 1440:.0f} days at {ns} x {Ts} tokens; "
+                         "lower the method's samples")
+        return _finish(stage, settings, device, host, host, minutes, False, notes)
 
     if stage == "compress":
         m = settings.group_size
@@ -631,7 +650,7 @@ def readme_section() -> str:
         _docstring_formulas(),
         "```",
         "",
-        "The compress figure is the compression stage's own `compress.group_memory_bytes`. Runtime is an estimate, not a measurement:",
+        "The compress figure is the compression stage's own `methods.flattengpt.group_memory_bytes`. Runtime is an estimate, not a measurement:",
         "FLOPs at assumed sustained rates (GPU: float32 15, bfloat16/float16 100, float64 8 TFLOP/s) plus",
         "bytes at 300 MB/s of disk and 5 GB/s host-to-device, x 2, at least the stage's old fixed limit",
         "(activations 120, compress 240, perplexity 120, zero_shot 240, speed 60, generate 30 min).",

@@ -77,10 +77,12 @@ def assert_outputs(workdir, num_layers, n_samples, seq_len):
         assert (root / "similarity" / f"{name}.png").stat().st_size > 1000
     cosine, labels = load_matrix(root / "similarity" / "cosine.csv")
     assert cosine.shape == (num_layers + 1, num_layers + 1) and len(labels) == num_layers + 1
-    plan = json.loads((root / "k2" / "plan.json").read_text())
+    plan = json.loads((root / "k2" / "flattengpt" / "plan.json").read_text())
     assert plan["remove_blocks"] == 2 and sum(len(g) for g in plan["groups"]) == num_layers
-    assert len(plan["groups"]) == num_layers - 2
+    assert len(plan["groups"]) == num_layers - 2 and plan["format"] == 2 and plan["method"] == "flattengpt"
     assert plan["provenance"]["package"]["source_sha256"]
+    drop = json.loads((root / "k2" / "drop" / "plan.json").read_text())
+    assert drop["kept_blocks"] == plan["kept_blocks"] and drop["dropped_blocks"] == plan["removed_blocks"]
     for log in ("calibration", "activations", "similarity"):
         assert (root / "logs" / f"{log}.log").stat().st_size > 0
     model_dirs = sorted((root / "k2").glob("*/model"))
@@ -116,11 +118,13 @@ def assert_report(workdir, n_rows, tasks, corpora):
     report = workdir / "results" / "report"
     table = pd.read_csv(report / "results.csv")
     assert len(table) == n_rows, "one row per evaluated model"
-    expected = ["model", "calibration", "method", "target", "blocks_removed", "num_layers", "parameters",
-                "param_ratio", *[f"ppl_{c}" for c in corpora], *[c for t in tasks for c in (t, f"{t}_stderr")],
+    expected = ["model", "calibration", "method", "method_type", "target", "blocks_removed", "num_layers",
+                "parameters", "param_ratio", *[f"ppl_{c}" for c in corpora],
+                *[c for t in tasks for c in (t, f"{t}_stderr")],
                 "mean_acc", "n_tasks", "retention", "prefill_speedup", "decode_speedup", "ideal_speedup",
                 "prefill_tokens_per_s", "decode_ms_per_token", "kv_cache_bytes_per_token", "peak_memory_mib",
-                "compression_seconds", "compression_peak_rss_mib", "size_on_disk_mb"]
+                "choice_seconds", "choice_block_forwards", "compression_seconds", "compression_peak_rss_mib",
+                "size_on_disk_mb"]
     assert list(table.columns) == expected
     dense = table[table.method == "dense"].iloc[0]
     assert dense.blocks_removed == 0 and dense.param_ratio == 1.0 and dense.ideal_speedup == 1.0
@@ -159,9 +163,9 @@ def test_workflow_on_stories260k_and_incremental_reruns(tmp_path):
     config = stories_config()
     config["targets"]["k2"]["remove_blocks"] = 1
     write_config(tmp_path, config)
-    assert planned_jobs(tmp_path) == {"plan": 1, "compress": 2, **{k: 2 * v for k, v in evaluations.items()},
+    assert planned_jobs(tmp_path) == {"plan": 2, "compress": 2, **{k: 2 * v for k, v in evaluations.items()},
                                       "report": 1, "all": 1}, \
-        "a changed target reruns only the plan, the compressions that use it and their evaluations"
+        "a changed target reruns only the plans, the compressions that use them and their evaluations"
 
     config = stories_config()
     config["methods"]["flattengpt"]["lambda_factor"] = 1.0
@@ -179,7 +183,7 @@ def test_workflow_on_stories260k_and_incremental_reruns(tmp_path):
 
     config = stories_config(n_samples=5)
     write_config(tmp_path, config)
-    assert planned_jobs(tmp_path) == {"calibration": 1, "activations": 1, "similarity": 1, "plan": 1, "compress": 2,
+    assert planned_jobs(tmp_path) == {"calibration": 1, "activations": 1, "similarity": 1, "plan": 2, "compress": 2,
                                       **{k: 2 * v for k, v in evaluations.items()}, "report": 1, "all": 1}, \
         "new calibration data re-evaluates the compressed models, never the dense one"
     snakemake(tmp_path)
@@ -194,12 +198,34 @@ def test_workflow_on_random_qwen2(tmp_path):
     config["methods"]["flatten-only"] = {"method": "flatten-only"}
     config["methods"]["flattengpt-original"] = {"method": "flattengpt", "compensation_target": "original",
                                                 "lambda_factor": 1.0}
+    # every baseline on the same activations: the plan rule (shortgpt, gromov, replaceme) and the search rule
+    for name in ("shortgpt", "gromov", "sleb", "slm", "replaceme"):
+        config["methods"][name] = {"method": name}
+    config["methods"]["laco-code"] = {"method": "laco", "rule": "code", "merge_layers": 2, "interval": 1}
+    config["evaluation"]["speed"]["enabled"] = False
     write_config(tmp_path, config)
     snakemake(tmp_path)
     plan = assert_outputs(tmp_path, num_layers=6, n_samples=6, seq_len=32)
     assert max(len(g) for g in plan["groups"]) <= 2
-    ratio_plan = json.loads((tmp_path / "results" / "tiny" / "plays" / "ratio" / "plan.json").read_text())
+    root = tmp_path / "results" / "tiny" / "plays"
+    ratio_plan = json.loads((root / "ratio" / "flattengpt" / "plan.json").read_text())
     assert ratio_plan["remove_blocks"] >= 1 and 0 < ratio_plan["ratio_achieved"] < 1
+    ops = {"sleb": {"keep"}, "shortgpt": {"keep"}, "gromov": {"keep"}, "slm": {"keep", "merge"},
+           "laco-code": {"keep", "merge"}, "replaceme": {"keep", "patch"}}
+    for name, allowed in ops.items():
+        for target in ("k2", "ratio"):
+            plan = json.loads((root / target / name / "plan.json").read_text())
+            assert plan["remove_blocks"] == ratio_plan["remove_blocks"] if target == "ratio" else 2, (name, target)
+            assert {layer["op"] for layer in plan["layers"]} <= allowed, name
+            record = json.loads((root / target / name / "model" / "compression.json").read_text())
+            assert record["layers"] == plan["layers"] and record["calibration"]["used"] == (name == "replaceme")
+    for name in ("sleb", "slm", "laco-code"):
+        plan = json.loads((root / "k2" / name / "plan.json").read_text())
+        assert plan["cost"]["block_forwards"] > 0 and (root / "k2" / "logs" / f"search.{name}.log").is_file()
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "results" / "report" / "results.csv")
+    assert set(table.method) == {"dense", *config["methods"]} and len(table) == 1 + 2 * len(config["methods"])
 
 
 def test_bad_config_fails_before_any_job(tmp_path):

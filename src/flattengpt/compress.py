@@ -56,10 +56,10 @@ def group_label(g: int, group: list[int]) -> str:
     return f"layer {g} ({blocks})"
 
 
-def as_plan(plan, num_layers: int, method: str) -> Plan:
+def as_plan(plan, num_layers: int, method: Method) -> Plan:
     """A Plan from a Plan, a plan.json record, or a flattening partition (a list of groups).
 
-    A partition given with method `drop` keeps each group's first block (the flattening plan's ablation).
+    A partition becomes the method's own plan for it (`drop` keeps each group's first block).
     """
     if isinstance(plan, Plan):
         return plan
@@ -74,13 +74,15 @@ def as_plan(plan, num_layers: int, method: str) -> Plan:
     if covered != list(range(num_layers)):
         missing = sorted(set(range(num_layers)) - set(covered))
         repeated = sorted({i for i in covered if covered.count(i) > 1})
+        outside = sorted({i for i in covered if not 0 <= i < num_layers})
+        unordered = [g for g, group in enumerate(groups) if group != list(range(group[0], group[0] + len(group)))]
+        details = [f"missing {missing}" if missing else "", f"repeated {repeated}" if repeated else "",
+                   f"blocks {outside} outside 0-{num_layers - 1}" if outside else "",
+                   f"group {unordered[0]} {groups[unordered[0]]} not consecutive ascending" if unordered else ""]
         raise CompressionError(
             f"the plan does not match the model: its groups must partition blocks 0-{num_layers - 1} in order "
-            f"(missing {missing}, repeated {repeated}, plan {groups})")
-    if method == "drop":
-        return Plan.from_kept(num_layers, [group[0] for group in groups], method=method,
-                              options={"groups": groups})
-    return Plan.from_groups(num_layers, groups, method=method)
+            f"({'; '.join(d for d in details if d) or 'out of order'}; plan {groups})")
+    return method.plan_from_partition(num_layers, groups)
 
 
 def validate_plan(plan: Plan, adapter) -> Plan:
@@ -271,7 +273,7 @@ def compress_model(model_dir, plan, calib_input_ids: torch.Tensor | None, out_di
     checkpoint = Checkpoint(model_dir)
     runner = BlockwiseModel(checkpoint, device=device, dtype=dtype)
     adapter, shape = runner.adapter, runner.adapter.shape
-    plan = validate_plan(as_plan(plan, adapter.num_layers, method.name), adapter)
+    plan = validate_plan(as_plan(plan, adapter.num_layers, method), adapter)
     ids = torch.as_tensor(calib_input_ids if calib_input_ids is not None else torch.zeros(0, 0), dtype=torch.long)
     if method.fits and (ids.dim() != 2 or ids.numel() == 0):
         raise CompressionError(f"calibration ids must be a non-empty [n, T] tensor, got shape {tuple(ids.shape)}")

@@ -269,12 +269,12 @@ def _check_methods(config: dict, layer_counts: dict[str, dict[str, int]], errors
             errors.append(f"methods.{name}: {err}")
     for target, spec in config.get("targets", {}).items():
         for name, method in methods.items():
-            if spec.get("plan_file") and method.name not in FLATTENING_METHODS:
+            if spec.get("plan_file") and not method.reads_plan_file:
                 errors.append(f"targets.{target}.plan_file: method {name!r} ({method.name}) chooses its own blocks; "
                               f"a plan file only replaces the flattening plan of {', '.join(FLATTENING_METHODS)}. "
                               "Give this target remove_blocks or ratio, or run that method on another target")
             k = spec.get("remove_blocks")
-            if k is None or method.name in FLATTENING_METHODS:
+            if k is None or method.reads_plan_file:
                 continue  # the flattening plan's limit is checked with the target; ratios once the model is known
             for model, num_layers in layer_counts.get(target, {}).items():
                 try:

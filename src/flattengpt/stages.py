@@ -100,9 +100,9 @@ def _choice(model: dict, spec: dict, target: dict):
     from .plan import target_blocks
 
     method = get_method(spec)
-    if target.get("plan_file") and method.name not in ("flattengpt", "drop", "flatten-only"):
-        raise MethodError(f"method {method.name}: a plan_file lists flattening groups, which only flattengpt, "
-                          f"drop and flatten-only read; give this target remove_blocks or ratio instead")
+    if target.get("plan_file") and not method.reads_plan_file:
+        raise MethodError(f"method {method.name}: a plan_file lists flattening groups, which only the flattening "
+                          f"methods (flattengpt, drop, flatten-only) read; give this target remove_blocks or ratio")
     num_layers = len(model["parameters"]["per_block"])
     k = None if target.get("plan_file") else target_blocks(target, model["parameters"], num_layers)
     return method, k

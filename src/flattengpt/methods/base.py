@@ -118,6 +118,7 @@ class Method:
     name: ClassVar[str]
     chooses_with: ClassVar[str] = "similarity"   # "similarity": plan rule; "model": search rule
     fits: ClassVar[bool] = False                 # build() needs calibration hidden states
+    reads_plan_file: ClassVar[bool] = False      # a target's plan_file (flattening groups) replaces its choice
     OPTIONS: ClassVar[dict] = {}                 # option -> default
     CHOICE_OPTIONS: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
@@ -158,6 +159,10 @@ class Method:
     def build(self, ctx: BuildContext, layer: Layer, hidden: torch.Tensor | None) -> Built:
         """The tensors of output layer `layer`; `hidden` is its calibration input when `fits`."""
         return build_standard(ctx, layer)
+
+    def plan_from_partition(self, num_layers: int, groups: list[list[int]]) -> Plan:
+        """This method's plan for a partition of the blocks into runs (the Python API's list of groups)."""
+        return Plan.from_groups(num_layers, groups, method=self.name)
 
     def max_removable(self, num_layers: int) -> int:
         """The most blocks this method can remove from a model of `num_layers` blocks with its options."""

@@ -246,6 +246,7 @@ def flattening_plan(views: SimilarityViews, k: int | None, target: dict) -> Plan
 class FlattenGPT(Method):
     name = "flattengpt"
     fits = True
+    reads_plan_file = True
     summary = "flatten each planned group into one wide block and prune it back to the original width"
     OPTIONS = {"lambda_factor": 10.0, "compensation_target": "flattened", "attn_compensation": False,
                "head_scoring": "output_norm", "solve_device": "auto", "solve_dtype": "float64"}
@@ -286,7 +287,12 @@ class FlattenGPT(Method):
 
 class Drop(Method):
     name = "drop"
+    reads_plan_file = True
     summary = "the flattening plan's naive ablation: keep the first block of each group, delete the others"
+
+    def plan_from_partition(self, num_layers: int, groups: list[list[int]]) -> Plan:
+        return Plan.from_kept(num_layers, [group[0] for group in groups], method=self.name,
+                              options={"groups": groups})
 
     def choose(self, k, *, views=None, search=None, target=None) -> Plan:
         flat = flattening_plan(views, k, target or {"remove_blocks": k})
@@ -296,6 +302,7 @@ class Drop(Method):
 
 class FlattenOnly(Method):
     name = "flatten-only"
+    reads_plan_file = True
     summary = "the flattening plan's unpruned wide blocks, zero-padded to the widest group"
 
     def choose(self, k, *, views=None, search=None, target=None) -> Plan:

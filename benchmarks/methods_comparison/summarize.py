@@ -1,0 +1,347 @@
+"""The methods comparison from what run.py collected in runs/: the report's table, a per-method summary, winners.
+
+    .venv/bin/python benchmarks/methods_comparison/summarize.py [--config config.yaml]
+
+Writes next to this script:
+  results.csv, results.md  flattengpt.report.results_table over every evaluated model found in runs/
+                           (the workflow's report format; no checkpoints here, so parameters come
+                           from the plans and size_on_disk_mb is empty);
+  summary.md               one row per (method, blocks removed): perplexities as the mean over the
+                           calibration seeds ± half their spread, zero-shot accuracies of seed 0
+                           ± lm-eval's standard error, the mean accuracy, what the choice and the
+                           compression cost; then, per column, the winner and how far FlattenGPT
+                           (the `flattengpt` entry, its best setting) is behind it;
+  figures/                 the plan overlays (cosine heatmap with every method's plan) per
+                           calibration and target, perplexity and accuracy against blocks removed,
+                           the sample generations;
+and fills the results section of README.md (between the `results:begin` / `results:end` marks).
+Missing values show as "–".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from run import CONFIG, PHASES, RUNS, all_units, is_done, load_config, method_order  # noqa: E402
+
+from flattengpt.report import (generations_markdown, plot_plan, plot_vs_blocks, results_table,  # noqa: E402
+                               variant_label, write_table)
+
+REFERENCE = "flattengpt"   # FlattenGPT's best setting: the method whose gaps are reported
+DASH = "–"
+
+
+# ----------------------------------------------------------------------------- entries (as report_entries)
+
+
+def entries(config: dict) -> list[dict]:
+    """report_entries of workflow/rules/common.smk, pointing at runs/ and kept only where something was collected."""
+    (model,) = list(config["models"])
+    evaluation = config.get("evaluation", {})
+    corpora = list(evaluation.get("perplexity", {}).get("corpora", {}))
+    tasks = list(evaluation.get("zero_shot", {}).get("tasks", []))
+    variants = ["dense"] + [f"{c}/{t}/{m}" for c in config["calibration"] for t in config["targets"]
+                            for m in method_order(config)]
+    found = []
+    for variant in variants:
+        base = RUNS / model / variant
+        dense = variant == "dense"
+        calib, target, method = (None, None, "dense") if dense else variant.split("/")
+        entry = {
+            "model": model, "calibration": calib, "target": target, "method": method,
+            "model_json": str(RUNS / model / "model.json"),
+            "model_dir": None if dense else str(base / "model"),  # compression.json only: params from the plan
+            "compression_json": None if dense else str(base / "model" / "compression.json"),
+            "plan_json": None if dense else str(base / "plan.json"),
+            "perplexity": {c: str(base / "eval" / "perplexity" / f"{c}.json") for c in corpora},
+            "zero_shot": {t: str(base / "eval" / "zero_shot" / f"{t}.json") for t in tasks},
+            "speed": None,
+            "generations": str(base / "eval" / "generations.json"),
+        }
+        files = [entry["plan_json"], entry["compression_json"], entry["generations"],
+                 *entry["perplexity"].values(), *entry["zero_shot"].values()]
+        if any(f and Path(f).is_file() for f in files):
+            found.append(entry)
+    return found
+
+
+def _read(path) -> dict:
+    return json.loads(Path(path).read_text()) if path and Path(path).is_file() else {}
+
+
+def table(config: dict, found: list[dict]) -> pd.DataFrame:
+    df = results_table(found)
+    # choice cost columns, for a flattengpt.report that predates them
+    by_variant = {(e["calibration"], e["target"], e["method"]): e for e in found}
+    for column, key in (("choice_seconds", "seconds"), ("choice_block_forwards", "block_forwards")):
+        if column not in df:
+            df[column] = [float((_read(by_variant[(r.calibration, r.target, r.method)]["plan_json"]).get("cost")
+                                 or {}).get(key, math.nan)) if r.method != "dense" else math.nan
+                          for r in df.itertuples()]
+    return df
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _num(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _fmt(value: float, digits: int) -> str:
+    return DASH if not math.isfinite(value) else f"{value:,.{digits}f}"
+
+
+def summary_rows(config: dict, df: pd.DataFrame) -> list[dict]:
+    """One dict per (method, target): mean/half-spread over seeds, seed-0 accuracies and their stderr."""
+    corpora = list(config["evaluation"]["perplexity"]["corpora"])
+    tasks = list(config["evaluation"]["zero_shot"]["tasks"])
+    calibs = list(config["calibration"])
+    seed0 = calibs[0]
+    rows = []
+    keys = [("dense", None)] + [(m, t) for t in config["targets"] for m in method_order(config)]
+    for method, target in keys:
+        rows_of = df[(df["method"] == method) & ((df["target"] == target) if target else df["target"].isna())]
+        k = 0 if method == "dense" else config["targets"][target].get("remove_blocks")
+        row = {"method": method, "target": target, "k": k}
+        ppl_seeds = 0
+        for corpus in corpora:
+            values = [_num(v) for v in rows_of[f"ppl_{corpus}"]]
+            values = [v for v in values if math.isfinite(v)]
+            ppl_seeds = max(ppl_seeds, len(values))
+            row[f"ppl_{corpus}"] = float(np.mean(values)) if values else math.nan
+            row[f"ppl_{corpus}_half"] = (max(values) - min(values)) / 2 if len(values) > 1 else math.nan
+        row["seeds"] = ppl_seeds
+        first = rows_of[rows_of["calibration"] == seed0] if method != "dense" else rows_of
+        first = first.iloc[0] if len(first) else None
+        for task in tasks:
+            row[task] = _num(first[task]) if first is not None else math.nan
+            row[f"{task}_se"] = _num(first[f"{task}_stderr"]) if first is not None else math.nan
+        n_tasks = sum(math.isfinite(row[t]) for t in tasks)
+        row["mean_acc"] = float(np.mean([row[t] for t in tasks])) if tasks and n_tasks == len(tasks) else math.nan
+        row["mean_acc_se"] = (math.sqrt(sum(row[f"{t}_se"] ** 2 for t in tasks)) / len(tasks)
+                              if math.isfinite(row["mean_acc"]) else math.nan)
+        for column in ("choice_block_forwards", "choice_seconds", "compression_seconds"):
+            values = [_num(v) for v in rows_of[column]] if method != "dense" else []
+            values = [v for v in values if math.isfinite(v)]
+            row[column] = float(np.mean(values)) if values else math.nan
+            row[f"{column}_half"] = (max(values) - min(values)) / 2 if len(values) > 1 else math.nan
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict, column: str, spread: str | None, digits: int) -> str:
+    text = _fmt(row[column], digits)
+    half = row.get(spread, math.nan) if spread else math.nan
+    return text if text == DASH or not math.isfinite(half) else f"{text} ± {half:,.{digits}f}"
+
+
+# column, spread key, digits, better ("low" or "high"), header
+def columns(config: dict) -> list[tuple[str, str | None, int, str, str]]:
+    out = [(f"ppl_{c}", f"ppl_{c}_half", 2, "low", f"ppl {c}") for c in config["evaluation"]["perplexity"]["corpora"]]
+    out += [(t, f"{t}_se", 1, "high", t) for t in config["evaluation"]["zero_shot"]["tasks"]]
+    out += [("mean_acc", "mean_acc_se", 1, "high", "mean acc"),
+            ("choice_block_forwards", None, 0, "low", "choice block fwd"),
+            ("choice_seconds", "choice_seconds_half", 1, "low", "choice s"),
+            ("compression_seconds", "compression_seconds_half", 1, "low", "compression s")]
+    return out
+
+
+def summary_markdown(config: dict, rows: list[dict]) -> str:
+    cols = columns(config)
+    lines = ["| method | k | seeds | " + " | ".join(c[4] for c in cols) + " |",
+             "|:---|---:|---:|" + "---:|" * len(cols)]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['k']} | {row['seeds'] or DASH} | "
+                     + " | ".join(_cell(row, c, s, d) for c, s, d, _, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def winners_markdown(config: dict, rows: list[dict]) -> str:
+    """Per k and column: the best method, and FlattenGPT's gap to it with the noise it should be read against.
+
+    Noise: for seed-averaged columns the larger of the two half spreads, for accuracies the
+    combined lm-eval standard error sqrt(se_w^2 + se_f^2) (the mean accuracy: of the task means).
+    """
+    lines = ["| k | column | methods with data | best | best value | flattengpt | flattengpt behind by | noise |",
+             "|---:|:---|---:|:---|---:|---:|---:|---:|"]
+    for target, spec in config["targets"].items():
+        of_k = [r for r in rows if r["target"] == target]
+        for column, spread, digits, better, header in columns(config):
+            have = [r for r in of_k if math.isfinite(r[column])]
+            if not have:
+                lines.append(f"| {spec.get('remove_blocks')} | {header} | 0 of {len(of_k)} | {DASH} | {DASH} | {DASH} | "
+                             f"{DASH} | {DASH} |")
+                continue
+            sign = 1 if better == "low" else -1
+            best_value = min(sign * r[column] for r in have) * sign
+            best = [r["method"] for r in have if r[column] == best_value]
+            ref = next((r for r in of_k if r["method"] == REFERENCE), None)
+            ref_value = ref[column] if ref else math.nan
+            if not math.isfinite(ref_value):
+                gap = DASH
+            elif REFERENCE in best:
+                gap = "wins" if len(best) == 1 else "tie"
+            else:
+                diff = sign * (ref_value - best_value)
+                rel = f" ({100 * diff / abs(best_value):.0f}%)" if best_value else ""
+                gap = f"{diff:,.{digits}f}{rel}"
+            noise = math.nan
+            if ref and spread and math.isfinite(ref_value):
+                winner = next(r for r in have if r["method"] == best[0])
+                a, b = ref.get(spread, math.nan), winner.get(spread, math.nan)
+                if better == "high":  # standard errors: combined
+                    noise = math.sqrt(a ** 2 + b ** 2) if math.isfinite(a) and math.isfinite(b) else math.nan
+                else:  # seed half spreads: the larger
+                    noise = max(x for x in (a, b) if math.isfinite(x)) if any(map(math.isfinite, (a, b))) else math.nan
+            lines.append(f"| {spec.get('remove_blocks')} | {header} | {len(have)} of {len(of_k)} | {', '.join(best)} | "
+                         f"{_fmt(best_value, digits)} | "
+                         f"{_fmt(ref_value, digits)} | {gap} | {_fmt(noise, digits)} |")
+    return "\n".join(lines) + "\n"
+
+
+def status_markdown(config: dict) -> str:
+    units = all_units(config)
+    lines = ["| phase | units collected | pending |", "|:---|---:|:---|"]
+    for phase, title in PHASES.items():
+        of = [u for u in units if u.phase == phase]
+        pending = [u.name for u in of if not is_done(u)]
+        shown = ", ".join(pending[:6]) + (f", ... ({len(pending)} in all)" if len(pending) > 6 else "")
+        lines.append(f"| {phase} {title} | {len(of) - len(pending)} of {len(of)} | {shown or 'none'} |")
+    return "\n".join(lines) + "\n"
+
+
+def unit_costs_markdown() -> str:
+    """Wall time of every collected unit run (runs/units.jsonl), by kind and method."""
+    path = RUNS / "units.jsonl"
+    if not path.is_file():
+        return "No unit has run yet.\n"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = ["| unit | wall | jobs run | load avg (1 min) at end | finished (UTC) |", "|:---|---:|:---|---:|:---|"]
+    for r in records:
+        jobs = ", ".join(f"{k} {v}" for k, v in sorted(r.get("jobs", {}).items())) or "none"
+        status = "" if r.get("complete") else " (incomplete)"
+        lines.append(f"| {r['unit']}{status} | {r['wall_seconds'] / 60:.1f} min | {jobs} | "
+                     f"{r.get('load_average_1min_at_end', DASH)} | {r.get('finished', DASH)} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def figures(config: dict, df: pd.DataFrame, found: list[dict]) -> list[str]:
+    out_dir = HERE / "figures"
+    out_dir.mkdir(exist_ok=True)
+    written = []
+    (model,) = list(config["models"])
+    for calib in config["calibration"]:
+        cosine = RUNS / model / calib / "similarity" / "cosine.csv"
+        for target in config["targets"]:
+            plans = {m: RUNS / model / calib / target / m / "plan.json" for m in method_order(config)}
+            plans = {m: p for m, p in plans.items() if p.is_file()}
+            if cosine.is_file() and plans:
+                path = out_dir / f"plans.{calib}.{target}.png"
+                plot_plan(cosine, plans, path, f"{model}, {calib}, {target}: every method's plan")
+                written.append(path.name)
+    for corpus in config["evaluation"]["perplexity"]["corpora"]:
+        column = f"ppl_{corpus}"
+        if pd.to_numeric(df[column], errors="coerce").notna().any():
+            path = out_dir / f"perplexity_{corpus}.png"
+            plot_vs_blocks(df, column, path, f"perplexity ({corpus})", f"{corpus}: perplexity vs blocks removed",
+                           log_y=True)
+            written.append(path.name)
+    if pd.to_numeric(df["mean_acc"], errors="coerce").notna().any():
+        path = out_dir / "accuracy.png"
+        plot_vs_blocks(df, "mean_acc", path, "mean zero-shot accuracy (%)", "mean accuracy vs blocks removed")
+        written.append(path.name)
+    generations = [(variant_label(e), _read(e["generations"])) for e in found if Path(e["generations"]).is_file()]
+    if generations:
+        (out_dir / "generations.md").write_text(generations_markdown(generations))
+        written.append("generations.md")
+    return written
+
+
+# ----------------------------------------------------------------------------- README
+
+
+BEGIN, END = "<!-- results:begin (written by summarize.py) -->", "<!-- results:end -->"
+
+
+def fill_readme(text: str) -> None:
+    readme = HERE / "README.md"
+    if not readme.is_file():
+        return
+    current = readme.read_text()
+    if BEGIN not in current or END not in current:
+        print(f"README.md has no {BEGIN} ... {END} section; not filled", file=sys.stderr)
+        return
+    head, rest = current.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + BEGIN + "\n\n" + text.strip() + "\n\n" + END + tail)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    found = entries(config)
+    if not found:
+        raise SystemExit(f"nothing collected in {RUNS} yet: run run.py first")
+    df = table(config, found)
+    notes = ["Written by benchmarks/methods_comparison/summarize.py from runs/ (flattengpt.report.results_table).",
+             "parameters and param_ratio come from each plan (params_after): the checkpoints are not kept."]
+    write_table(df, HERE / "results.csv", HERE / "results.md", title="Methods comparison: every evaluated model",
+                notes=notes)
+    rows = summary_rows(config, df)
+    corpora = list(config["evaluation"]["perplexity"]["corpora"])
+    model_json = _read(found[0]["model_json"])
+    layers = model_json.get("num_hidden_layers") or model_json.get("num_layers", "?")
+    text = "\n".join([
+        "### Units collected", "", status_markdown(config),
+        "### Summary", "",
+        f"k = blocks removed of {layers}. "
+        "Perplexity: mean over the calibration seeds collected (`seeds`) ± half the spread between them; "
+        + "; ".join(f"{c}: first {config['evaluation']['perplexity']['corpora'][c].get('max_windows') or 'all'} windows"
+                    for c in corpora)
+        + f" of {config['evaluation']['perplexity'].get('seq_len', 2048)} tokens. Accuracies (%): seed-0 models, lm-eval `acc_norm` (WinoGrande `acc`) "
+        f"± its standard error, on the first {config['evaluation']['zero_shot'].get('limit')} items of each task; "
+        "mean acc only where all five tasks are there (± the standard error of the mean of the five). "
+        "Cost: choice (plan or search) block forwards and seconds from plan.json, compression seconds from "
+        "compression.json, mean over seeds ± half spread.", "",
+        summary_markdown(config, rows),
+        "### Who wins", "",
+        f"Per column, the best method (lowest perplexity or cost, highest accuracy) and how far `{REFERENCE}` "
+        "(FlattenGPT's best setting: original target, lambda factor 0.1) is behind it, absolute (relative). "
+        "`noise`: the larger seed half spread of the two (perplexity, cost) or the combined standard "
+        "error (accuracy); a gap below it is not a measured difference.", "",
+        winners_markdown(config, rows),
+        "### Cost of each unit run", "",
+        "Wall time of each run.py unit on this machine (2 cores, shared with other work: see the load "
+        "average); a unit's jobs include whatever of the model, calibration, activations, plan/search "
+        "and compression it had to (re)build.", "",
+        unit_costs_markdown(),
+    ])
+    (HERE / "summary.md").write_text("# Methods comparison: summary\n\n" + text)
+    written = figures(config, df, found)
+    if written:
+        text += "\nFigures in [figures/](figures/): " + ", ".join(f"[{w}](figures/{w})" for w in written) + ".\n"
+    fill_readme(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -78,3 +78,28 @@ def test_block_limits_of_each_method_are_checked_before_any_job():
         validate_config(config_with({"s": {"method": "sleb"}}, {"t": {"remove_blocks": 29}}), SCHEMA)
     with pytest.raises(ConfigError, match=r"methods\.l \(laco"):
         validate_config(config_with({"l": {"method": "laco", "lowest": 20}}, {"t": {"remove_blocks": 12}}), SCHEMA)
+
+
+def test_similarity_views_read_the_files_the_similarity_stage_writes(tmp_path):
+    """The BI column (not its rank), the matrices as saved; ShortGPT records the values it chose by."""
+    import numpy as np
+
+    from flattengpt.methods import SimilarityViews
+    from flattengpt.similarity import block_influence, block_influence_table, save_matrix
+
+    rng = np.random.default_rng(0)
+    S = np.clip(1 - np.abs(rng.normal(0, 0.2, (6, 6))), 0, 1)
+    S = (S + S.T) / 2
+    np.fill_diagonal(S, 1.0)
+    labels = [f"X{i}" for i in range(6)]
+    save_matrix(S, labels, tmp_path / "cosine.csv")
+    save_matrix(1 - S, labels, tmp_path / "angular_distance.csv")
+    bi = block_influence(S)
+    block_influence_table(bi).to_csv(tmp_path / "block_influence.csv", index=False)
+    views = SimilarityViews.load(tmp_path / "cosine.csv", tmp_path / "angular_distance.csv",
+                                 tmp_path / "block_influence.csv")
+    assert np.allclose(views.block_influence, 1 - np.diag(S, 1)) and np.allclose(views.cosine, S)
+    plan = get_method({"method": "shortgpt"}).choose(2, views=views)
+    chosen = {step["block"]: step["block_influence"] for step in plan.steps if step["removed"]}
+    assert sorted(chosen) == sorted(np.argsort(bi, kind="stable")[:2].tolist())
+    assert np.allclose(list(chosen.values()), sorted(bi)[:2])

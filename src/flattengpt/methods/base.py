@@ -61,7 +61,9 @@ class SimilarityViews:
             import pandas as pd
 
             frame = pd.read_csv(influence_csv)
-            influence = frame[frame.columns[-1]].to_numpy(dtype=np.float64)
+            if "block_influence" not in frame.columns:
+                raise MethodError(f"{influence_csv}: no block_influence column; recompute the similarity step")
+            influence = frame["block_influence"].to_numpy(dtype=np.float64)
         else:
             influence = 1.0 - np.diag(cosine, 1)
         return cls(np.asarray(cosine, dtype=np.float64), np.asarray(angular, dtype=np.float64), influence)

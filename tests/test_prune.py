@@ -314,7 +314,8 @@ def test_the_channel_step_adds_little_beyond_the_gram_matrix():
         return float(out.stdout.split()[-1])
 
     new = extra("new")
-    assert new < 0.5, f"the in-place channel step allocated {new:.2f} n^2 beyond C"
+    # measured 0.3-0.52 (allocator arenas vary); a second n x n matrix would show as 1 or more
+    assert new < 0.75, f"the in-place channel step allocated {new:.2f} n^2 beyond C"
     assert extra("old") > 2.5  # C + lam I, its factor and the inverse: the probe does see n^2-sized allocations
 
 

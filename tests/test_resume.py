@@ -148,7 +148,7 @@ def test_killed_compress_resumes_with_the_identical_checkpoint(tmp_path):
     method = {"method": "flattengpt", "lambda_factor": 10, "compensation_target": "flattened",
               "attn_compensation": False}
     fresh = uninterrupted(compress_stage, tmp_path / "results" / "tiny" / "model.json",
-                          tmp_path / "results" / "tiny" / "plays" / "tokens.safetensors", root / "plan.json",
+                          tmp_path / "results" / "tiny" / "plays" / "tokens.safetensors", root / "flattengpt" / "plan.json",
                           tmp_path / "fresh", None, method, {"device": "cpu", "dtype": "float32", "batch_size": 8}, {})
     assert fresh["resumed_from_group"] == 0
     assert fresh["calibration_nll"] == resumed["calibration_nll"] and fresh["groups"] == resumed["groups"]

@@ -149,7 +149,7 @@ def test_killed_run_orphan_is_refused_then_cancelled_and_compress_resumes(tmp_pa
 
     # the stages before compress run locally: the other test covers them on Slurm, and each Slurm job costs
     # about half a minute of status polling here
-    run(workdir, "--cores", "2", "results/tiny/plays/k5/plan.json")
+    run(workdir, "--cores", "2", "results/tiny/plays/k5/flattengpt/plan.json")
     proc = subprocess.Popen(snakemake_cmd("--cores", "8", "--profile", "slurm", *FAST_POLLING, "--retries", "0",
                                           target), cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=AIR_GAPPED)
@@ -200,7 +200,7 @@ def test_killed_run_orphan_is_refused_then_cancelled_and_compress_resumes(tmp_pa
     from flattengpt.data import load_tokens
 
     ids, _ = load_tokens(workdir / "results/tiny/plays/tokens.safetensors")
-    plan = json.loads((workdir / "results/tiny/plays/k5/plan.json").read_text())
+    plan = json.loads((workdir / "results/tiny/plays/k5/flattengpt/plan.json").read_text())
     compress_model(model, plan["groups"], ids, tmp_path / "fresh")
     for shard in sorted((tmp_path / "fresh").glob("*.safetensors")):
         expected, got = load_file(shard), load_file(out / shard.name)

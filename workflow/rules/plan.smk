@@ -1,5 +1,5 @@
-# What each method removes or merges, as plan.json: one rule for the methods that choose from the
-# similarity views (cheap, local), one for those that search on the model (SLEB, LaCo, SLM).
+# What each method removes or merges, as plan.json: `plan` for the methods that choose from the
+# similarity views (cheap, local), `search` for those that search on the model (SLEB, LaCo, SLM).
 
 
 rule plan:

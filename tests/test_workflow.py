@@ -198,6 +198,7 @@ def test_workflow_on_random_qwen2(tmp_path):
     config["methods"]["flatten-only"] = {"method": "flatten-only"}
     config["methods"]["flattengpt-original"] = {"method": "flattengpt", "compensation_target": "original",
                                                 "lambda_factor": 1.0}
+    config["evaluation"]["speed"]["enabled"] = False  # timed in the stories run; 8 speed jobs cost a CI minute
     write_config(tmp_path, config)
     snakemake(tmp_path)
     plan = assert_outputs(tmp_path, num_layers=6, n_samples=6, seq_len=32)

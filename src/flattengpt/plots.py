@@ -126,6 +126,7 @@ def plan_overlay(matrix: np.ndarray, labels: Sequence[str], plans: dict[str, dic
     strip.set_xticks(block_ticks, [str(b) for b in block_ticks])
     strip.set_xlabel("source block")
     handles = [Rectangle((0, 0), 1, 1, color=colour) for colour in FATE_COLOURS.values()]
+    # above the strip: below it the legend would cover the axis label
     strip.legend(handles, ["kept", "dropped", "flattened", "merged", "patched"], ncols=5, fontsize="small",
-                 loc="upper center", bbox_to_anchor=(0.5, -0.45 if rows < 4 else -0.2), frameon=False)
+                 loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     _save(figure, path)

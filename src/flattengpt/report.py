@@ -309,8 +309,9 @@ def plot_vs_blocks(df: pd.DataFrame, column: str, path: str | Path, ylabel: str,
             high = np.array([max(values[xi]) for xi in xs]) - mean
             label = method if len(models) == 1 else f"{model} / {method}"
             spread = any(len(values[xi]) > 1 for xi in xs)
+            # the colour cycle has 10 colours: the 11th method and later get another line style
             axes.errorbar(xs, mean, yerr=np.vstack([low, high]) if spread else None, marker="o", capsize=3,
-                          label=label)
+                          label=label, linestyle=("-", "--", ":")[(plotted // 10) % 3])
             plotted += 1
     if plotted:
         axes.legend(fontsize="small")

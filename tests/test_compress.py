@@ -35,9 +35,9 @@ def capture_final_hidden(monkeypatch):
     captured = {}
     original = compress._calibration_nll
 
-    def spy(runner, hidden, input_ids, batch_size):
+    def spy(runner, hidden, input_ids):
         captured["hidden"] = hidden.clone()
-        return original(runner, hidden, input_ids, batch_size)
+        return original(runner, hidden, input_ids)
 
     monkeypatch.setattr(compress, "_calibration_nll", spy)
     return captured

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from flattengpt.compress import compress_model
@@ -15,6 +14,7 @@ from flattengpt.methods.replaceme import replaceme_plan
 from flattengpt.plan import Plan
 
 from .models_for_tests import make_model
+from .test_compress import all_tensors
 
 NUM_LAYERS = 6
 SPAN = (2, 2)  # l, k: blocks 2-3 removed, folded into block 1; X_4 is the residual stream after the span
@@ -35,14 +35,6 @@ def views(D):
 
 def ids_for(n, seq_len, seed, vocab=128):
     return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
-
-
-def tensors(model_dir):
-    out = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as handle:
-            out.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return out
 
 
 def patch_stats(record):
@@ -143,7 +135,7 @@ def test_fewer_tokens_than_width_reproduce_the_span_exactly(tmp_path, one_thread
     assert float((original.hidden_states[l] - want).norm() / want.norm()) > 1e-2
 
     # every tensor but block l-1's down_proj is the stored one, bit for bit (blocks renumbered)
-    source, saved = tensors(model_dir), tensors(out)
+    source, saved = all_tensors(model_dir), all_tensors(out)
     for new, old in enumerate([0, 1, 4, 5]):
         for name in [n for n in source if n.startswith(f"model.layers.{old}.")]:
             same = torch.equal(saved[name.replace(f"layers.{old}.", f"layers.{new}.")], source[name])
@@ -176,8 +168,8 @@ def test_fit_never_loses_to_plain_dropping_and_matches_numpy_least_squares(tmp_p
             assert stats["lambda"] == 0 and stats["solve"]["rank"] == 64
             assert stats["error_fit"] == pytest.approx(fit_np, rel=1e-5)
             # the fold: the saved down_proj is T^T W_down with numpy's T
-            W = tensors(model_dir)[f"model.layers.{a}.mlp.down_proj.weight"].double().numpy()
-            new = tensors(out)[f"model.layers.{a}.mlp.down_proj.weight"].double().numpy()
+            W = all_tensors(model_dir)[f"model.layers.{a}.mlp.down_proj.weight"].double().numpy()
+            new = all_tensors(out)[f"model.layers.{a}.mlp.down_proj.weight"].double().numpy()
             assert np.abs(new - T.T @ W).max() < 1e-4 * np.abs(T.T @ W).max()
             assert fit_np < 0.9 * plain_np  # the map does something on this model
     # the ridge pulls T toward the identity: the calibration error rises with lambda toward plain dropping's

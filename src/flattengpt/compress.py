@@ -235,7 +235,7 @@ class Progress:
             (self.state_dir / file).unlink(missing_ok=True)
 
 
-def _calibration_nll(runner: BlockwiseModel, hidden: torch.Tensor, input_ids: torch.Tensor, batch_size: int) -> float:
+def _calibration_nll(runner: BlockwiseModel, hidden: torch.Tensor, input_ids: torch.Tensor) -> float:
     """Mean next-token NLL of the calibration ids from the final hidden states X_L."""
     total, count = runner.next_token_nll(hidden, input_ids)
     return total / max(count, 1)
@@ -322,7 +322,7 @@ def compress_model(model_dir, plan, calib_input_ids: torch.Tensor | None, out_di
             del built  # the writer holds its own copy; this one would stay alive through the next layer
             log(f"{label} done in {stats['seconds']:.1f}s{_errors_line(stats)} (peak RSS {peak_rss_mib():.0f} MiB)")
 
-        calibration_nll = _calibration_nll(runner, hidden, ids, batch_size) if method.fits else None
+        calibration_nll = _calibration_nll(runner, hidden, ids) if method.fits else None
         block_prefixes = tuple(adapter.layer_prefix(i) for i in range(adapter.num_layers))
         for name in checkpoint.tensor_files:  # embeddings, final norm, lm_head: copied as they are
             if not name.startswith(block_prefixes):

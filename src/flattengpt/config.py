@@ -29,6 +29,8 @@ def _with_defaults(validator_class):
     """A validator that fills in `default:` values while it validates (the jsonschema FAQ recipe).
 
     `x-no-default-when: {key: value}` next to a default skips it for objects with that key and value.
+    `x-no-defaults-with: {key: [names]}` beside `properties` skips those names' defaults for objects
+    that have `key` (a calibration `mix` takes no top-level text defaults).
     """
     validate_properties = validator_class.VALIDATORS["properties"]
 
@@ -38,8 +40,10 @@ def _with_defaults(validator_class):
 
     def set_defaults(validator, properties, instance, schema):
         if isinstance(instance, dict):
+            skipped = {name for key, names in schema.get("x-no-defaults-with", {}).items() if key in instance
+                       for name in names}
             for name, subschema in properties.items():
-                if applies(subschema, instance) and name not in instance:
+                if applies(subschema, instance) and name not in instance and name not in skipped:
                     instance[name] = json.loads(json.dumps(subschema["default"]))
         yield from validate_properties(validator, properties, instance, schema)
 
@@ -165,6 +169,48 @@ def _check_text(where: str, spec: dict, errors: list[str]) -> None:
         errors.append(f"{where}.source: {source!r} is not a text source; use embedded, local or hub")
 
 
+_TEXT_KEYS = ("source", "name", "path", "fields", "split")
+
+
+def _check_calibration(name: str, spec: dict, errors: list[str]) -> None:
+    where = f"calibration.{name}"
+    if "mix" not in spec:
+        _check_text(where, spec, errors)
+        return
+    beside = [key for key in _TEXT_KEYS if key in spec]
+    if beside:
+        errors.append(f"{where}: {', '.join(beside)} beside `mix`; give either one `source` or a `mix` list, and put "
+                      "each text's source, name/path, fields and split in its mix item")
+    mix = spec["mix"]
+    if not isinstance(mix, list) or not mix:
+        errors.append(f"{where}.mix: list at least one text, each a text spec with a proportion")
+        return
+    valid = True
+    for i, item in enumerate(mix):
+        item_where = f"{where}.mix[{i}]"
+        if not isinstance(item, dict):
+            errors.append(f"{item_where}: expected a text spec with a proportion, got {item!r}")
+            valid = False
+            continue
+        _check_text(item_where, item, errors)
+        proportion = item.get("proportion")
+        if isinstance(proportion, bool) or not isinstance(proportion, (int, float)) or not proportion > 0 \
+                or not math.isfinite(proportion):
+            errors.append(f"{item_where}.proportion: {proportion!r}; give a positive number (shares are normalised "
+                          "by their sum)")
+            valid = False
+    n_samples = spec.get("n_samples", 32)
+    if valid and isinstance(n_samples, int) and n_samples >= 1:
+        from .data import mix_counts
+
+        proportions = [item["proportion"] for item in mix]
+        for i, count in enumerate(mix_counts(proportions, n_samples)):
+            if count == 0:
+                need = math.ceil(sum(proportions) / proportions[i])
+                errors.append(f"{where}.mix[{i}].proportion: {proportions[i]} of n_samples={n_samples} rounds to 0 "
+                              f"windows; raise {where}.n_samples to at least {need} or this proportion")
+
+
 def _check_target(name: str, spec: dict, layer_counts: dict[str, int], errors: list[str]) -> None:
     where = f"targets.{name}"
     given = [key for key in ("remove_blocks", "ratio", "plan_file") if spec.get(key) is not None]
@@ -234,7 +280,7 @@ def check_config(config: dict) -> None:
     for name, spec in config.get("models", {}).items():
         _check_model(name, spec, errors)
     for name, spec in config.get("calibration", {}).items():
-        _check_text(f"calibration.{name}", spec, errors)
+        _check_calibration(name, spec, errors)
 
     layer_counts: dict[str, dict[str, int]] = {}
     for run in runs(config):

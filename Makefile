@@ -23,7 +23,7 @@ run: install
 	$(BIN)/snakemake --cores $(CORES)
 
 test: install
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n $(CORES) --dist loadgroup --durations=25
 
 clean:
 	rm -rf results .snakemake

@@ -12,3 +12,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """End-to-end (`workflow`) tests first: with `-n 2` the long ones then overlap instead of ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("workflow") is None)

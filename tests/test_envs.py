@@ -31,7 +31,7 @@ def test_every_env_agrees_with_requirements():
         for name in shared:
             assert env_pins[name] == requirements[name], f"{env_file.name}: {name} {env_pins[name]} != {requirements[name]}"
         # runtime requirements (all but test tools) must be in every env that runs rules
-        missing = set(requirements) - set(env_pins) - {"pytest"}
+        missing = set(requirements) - set(env_pins) - {"pytest", "pytest-xdist"}  # test tools
         assert not missing, f"{env_file.name} lacks {sorted(missing)}"
         assert any(str(d).startswith("python") for d in env["dependencies"])
 

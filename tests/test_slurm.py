@@ -25,7 +25,8 @@ from flattengpt.joblock import JobConflictError, claim_output, claim_path
 from .models_for_tests import REPO, make_model_with_tokenizer
 from .test_workflow import AIR_GAPPED, base_config, write_config
 
-pytestmark = pytest.mark.workflow
+# one cluster: its tests run one after another on one xdist worker (`--dist loadgroup`)
+pytestmark = [pytest.mark.workflow, pytest.mark.xdist_group("slurm")]
 
 WORKFLOW_FILES = ["Snakefile", "workflow", "scripts", "envs", "slurm", "profiles"]
 # the profile's first status check comes after 20 s, every later one 10 s later than the one before

@@ -100,8 +100,12 @@ def test_span_minimizes_the_angular_distance_over_starts_after_block_0():
 
 
 def test_options_are_checked():
-    assert get_method({"method": "replaceme"}).options == {"lambda_factor": 0.0}
-    assert get_method({"method": "replaceme", "lambda_factor": 2}).options == {"lambda_factor": 2.0}
+    assert get_method({"method": "replaceme"}).options["lambda_factor"] == 0.0
+    assert get_method({"method": "replaceme", "lambda_factor": 2}).options["lambda_factor"] == 2.0
+    assert get_method({"method": "replaceme", "lambda_factor": "auto"}).options["lambda_factor"] == "auto"
+    for key, bad in (("validation_fraction", 1.0), ("validation_seed", 0.5), ("lambda_grid", [])):
+        with pytest.raises(MethodError, match=key):
+            get_method({"method": "replaceme", "lambda_factor": "auto", key: bad})
     for bad in (-1.0, True, "1"):
         with pytest.raises(MethodError, match="lambda_factor"):
             get_method({"method": "replaceme", "lambda_factor": bad})
@@ -210,3 +214,42 @@ def test_calibration_nll_below_plain_dropping(tmp_path, one_thread):
     assert patch_stats(record)["rel_sq_error_fit"] < patch_stats(record)["rel_sq_error_plain_drop"]
     assert nll_original < nll_patched < nll_dropped - 0.1
     print(f"NLL original {nll_original:.4f}, replaceme {nll_patched:.4f}, plain drop {nll_dropped:.4f}")
+
+
+def test_auto_lambda_curve_equals_one_solve_per_factor_and_the_map_is_refitted_on_all_sequences(tmp_path,
+                                                                                                  one_thread):
+    model_dir = make_model(tmp_path, "llama", seed=2, num_layers=NUM_LAYERS)
+    n, seq_len = 8, 12  # 72 fit tokens for d = 64: an overfitting least squares, so lambda matters
+    ids = ids_for(n, seq_len, seed=4)
+    l, k = SPAN
+    a, c = l - 1, l + k - 1
+    out = tmp_path / "out"
+    stats = patch_stats(compress_model(model_dir, replaceme_plan(distances(), k), ids, out, method="replaceme",
+                                       batch_size=3, lambda_factor="auto", validation_seed=1))
+    validation = stats["lambda_validation"]
+    held = validation["held_out_sequences"]
+    assert len(held) == 2 and stats["tokens"] == n * seq_len
+    fit = [i for i in range(n) if i not in held]
+    M, R = span_regression(model_dir, ids, a, c)  # rows sequence by sequence
+    M, R = M.reshape(n, seq_len, -1), R.reshape(n, seq_len, -1)
+    d = M.shape[-1]
+    M_fit, R_fit = M[fit].reshape(-1, d), R[fit].reshape(-1, d)
+    M_val, R_val = M[held].reshape(-1, d), R[held].reshape(-1, d)
+    scale = float((M_fit ** 2).sum()) / d  # trace(G_fit) / d
+    grid = validation["map"]["grid"]
+    slow = []
+    for factor in grid:
+        lam = factor * scale
+        T = (np.linalg.lstsq(M_fit, R_fit, rcond=None)[0] if lam == 0 else
+             np.linalg.solve(M_fit.T @ M_fit + lam * np.eye(d), M_fit.T @ R_fit + lam * np.eye(d)))
+        slow.append(float(((M_val @ T - R_val) ** 2).sum()))
+    np.testing.assert_allclose(validation["map"]["held_out_error"], slow, rtol=1e-4)
+    pick = grid[int(np.argmin(slow))]
+    assert stats["lambda_factor"] == validation["map"]["pick"] == pick and pick > 0
+
+    M_all, R_all = M.reshape(-1, d), R.reshape(-1, d)
+    lam = pick * float((M_all ** 2).sum()) / d
+    T = np.linalg.solve(M_all.T @ M_all + lam * np.eye(d), M_all.T @ R_all + lam * np.eye(d))
+    W = all_tensors(model_dir)[f"model.layers.{a}.mlp.down_proj.weight"].double().numpy()
+    new = all_tensors(out)[f"model.layers.{a}.mlp.down_proj.weight"].double().numpy()
+    assert np.abs(new - T.T @ W).max() < 1e-4 * np.abs(T.T @ W).max()

@@ -197,7 +197,7 @@ def test_workflow_on_random_qwen2(tmp_path):
     config["targets"]["ratio"] = {"ratio": 0.3}
     config["methods"]["flatten-only"] = {"method": "flatten-only"}
     config["methods"]["flattengpt-original"] = {"method": "flattengpt", "compensation_target": "original",
-                                                "lambda_factor": 1.0}
+                                                "lambda_factor": "auto", "attn_compensation": True}
     config["evaluation"]["speed"]["enabled"] = False  # timed in the stories run; 8 speed jobs cost a CI minute
     write_config(tmp_path, config)
     snakemake(tmp_path)
@@ -205,6 +205,25 @@ def test_workflow_on_random_qwen2(tmp_path):
     assert max(len(g) for g in plan["groups"]) <= 2
     ratio_plan = json.loads((tmp_path / "results" / "tiny" / "plays" / "ratio" / "flattengpt" / "plan.json").read_text())
     assert ratio_plan["remove_blocks"] >= 1 and 0 < ratio_plan["ratio_achieved"] < 1
+    assert_lambda_picks(tmp_path, "flattengpt-original", {"MLP", "o_proj"})
+
+
+def assert_lambda_picks(workdir, method, fits):
+    """lambda_factor auto: every flattened group's picks in compression.json, the report's CSV and figure."""
+    import pandas as pd
+
+    report = workdir / "results" / "report"
+    picks = pd.read_csv(report / "lambda_picks.csv")
+    picks = picks[picks.method == method]
+    assert set(picks.fit) == fits
+    assert (report / "lambda_picks.png").stat().st_size > 1000
+    for model_dir in (workdir / "results" / "tiny" / "plays").glob(f"*/{method}/model"):
+        record = json.loads((model_dir / "compression.json").read_text())
+        validated = [s for s in record["group_stats"] if "lambda_validation" in s]
+        assert validated and len(picks[picks.target == model_dir.parent.parent.name]) == len(validated) * len(fits)
+        for stats in validated:
+            for curve in (v for k, v in stats["lambda_validation"].items() if k in ("mlp", "attention", "map")):
+                assert curve["pick"] in curve["grid"] and len(curve["held_out_error"]) == len(curve["grid"])
 
 
 def test_every_baseline_runs_through_the_plan_and_search_rules(tmp_path):
@@ -218,21 +237,27 @@ def test_every_baseline_runs_through_the_plan_and_search_rules(tmp_path):
     # one method per path through the rules: plan rule without fit (shortgpt), with fit (replaceme), search
     # rule dropping (sleb) and merging (laco); the others share these paths
     config["methods"] = {name: {"method": name} for name in ("shortgpt", "sleb", "replaceme")}
+    config["methods"]["replaceme"]["lambda_factor"] = "auto"
+    # FlattenGPT choosing its pairs by trial compressions: the search rule, then compress
+    config["methods"]["flattengpt-trial"] = {"method": "flattengpt", "plan_criterion": "trial_error",
+                                             "lambda_factor": "auto"}
     config["methods"]["laco-code"] = {"method": "laco", "rule": "code", "merge_layers": 2, "interval": 1}
     config["evaluation"] = {"dense": False, "perplexity": {"corpora": {}}, "speed": {"enabled": False},
                             "generation": {"prompts": ["Once upon a time"], "max_new_tokens": 2}}
     write_config(tmp_path, config)
     snakemake(tmp_path)
     root = tmp_path / "results" / "tiny" / "plays" / "k2"
-    ops = {"sleb": {"keep"}, "shortgpt": {"keep"}, "laco-code": {"keep", "merge"}, "replaceme": {"keep", "patch"}}
+    ops = {"sleb": {"keep"}, "shortgpt": {"keep"}, "laco-code": {"keep", "merge"}, "replaceme": {"keep", "patch"},
+           "flattengpt-trial": {"keep", "flatten"}}
     for name, allowed in ops.items():
         plan = json.loads((root / name / "plan.json").read_text())
         assert plan["remove_blocks"] == 2 and plan["format"] == 2, name
         assert {layer["op"] for layer in plan["layers"]} <= allowed, name
         record = json.loads((root / name / "model" / "compression.json").read_text())
-        assert record["layers"] == plan["layers"] and record["calibration"]["used"] == (name == "replaceme")
+        assert record["layers"] == plan["layers"]
+        assert record["calibration"]["used"] == (name in ("replaceme", "flattengpt-trial"))
         assert_loadable(root / name / "model", 4)
-    for name in ("sleb", "laco-code"):
+    for name in ("sleb", "laco-code", "flattengpt-trial"):
         plan = json.loads((root / name / "plan.json").read_text())
         assert plan["cost"]["block_forwards"] > 0 and (root / "logs" / f"search.{name}.log").stat().st_size > 0
     import pandas as pd
@@ -241,6 +266,8 @@ def test_every_baseline_runs_through_the_plan_and_search_rules(tmp_path):
     assert sorted(table.method) == sorted(ops)
     assert (table.set_index("method").loc[["sleb", "laco-code"], "choice_block_forwards"] > 0).all()
     assert list((tmp_path / "results" / "report" / "plans").glob("*.png"))
+    assert_lambda_picks(tmp_path, "replaceme", {"map"})
+    assert_lambda_picks(tmp_path, "flattengpt-trial", {"MLP"})
 
 
 def test_bad_config_fails_before_any_job(tmp_path):

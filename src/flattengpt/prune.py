@@ -516,3 +516,92 @@ def prune_channels(block: dict[str, torch.Tensor], adapter: ModelAdapter, keep: 
     down = f"{n['down']}.weight"
     out[down] = down_weight.to(block[down].dtype).contiguous()
     return out
+
+
+# ----------------------------------------------------------------------------- lambda by validation
+#
+# lambda_factor "auto": the calibration sequences are split (by sequence, seeded) into a fit part and
+# a held-out part, with sums accumulated for each. For a grid of factors c, lambda = c * trace(C_fit)/n
+# (the same scale as ridge_lambda, on the fit part's sums) and
+#     B(lambda) = (C_fit + lambda I)^-1 (cross_fit + lambda P)                (P: the prior, S^T W or I)
+# is scored by its held-out error ||R_v - F_v B||^2 = ||R_v||^2 - 2 <B, cross_v> + <B, C_v B>.
+# One eigendecomposition C_fit = V diag(e) V^T gives every grid point: in V's basis
+#     X(lambda) = V^T B = (V^T cross_fit + lambda V^T P) / (e + lambda)     (row-wise)
+#     error     = ||R_v||^2 - 2 <X, V^T cross_v> + <X, (V^T C_v V) X>
+# so a grid point costs one (n x n)(n x d) product, not a factorisation. At lambda = 0 the
+# min-norm least squares (pinv) is used, 1/e where e is above pinv's cut-off and 0 elsewhere.
+# The factor with the lowest held-out error (the smaller factor on a tie) is then refitted on all
+# sequences, with lambda = c * trace(C_all) / n.
+
+LAMBDA_GRID = (0.0, 1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def held_out_split(n_sequences: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit rows, held-out rows), each sorted: round(fraction * n) held-out sequences (at least 1, and 1 left to fit)."""
+    if n_sequences < 2:
+        raise ValueError(f"lambda_factor auto needs at least 2 calibration sequences to hold one out, "
+                         f"got {n_sequences}; raise calibration n_samples or set a numeric lambda_factor")
+    held = min(max(1, round(fraction * n_sequences)), n_sequences - 1)
+    order = torch.randperm(n_sequences, generator=torch.Generator().manual_seed(int(seed)))
+    return order[held:].sort().values, order[:held].sort().values
+
+
+def ridge_path_errors(C_fit: torch.Tensor, cross_fit: torch.Tensor, prior: torch.Tensor, C_val: torch.Tensor,
+                      cross_val: torch.Tensor, norm2_val: float, lambdas: list[float]) -> list[float]:
+    """Held-out squared error of B(lambda) = (C_fit + lambda I)^-1 (cross_fit + lambda prior) for every lambda.
+
+    All from the sums (see the section comment): one eigh of C_fit, then per lambda one product.
+    """
+    C_fit, C_val = C_fit.double(), C_val.double()
+    e, V = torch.linalg.eigh(C_fit)
+    cutoff = C_fit.shape[0] * torch.finfo(e.dtype).eps * 10 * float(e.abs().max())  # as _pinv's rtol
+    P, Q = V.T @ cross_fit.double(), V.T @ prior.double()
+    Xv = V.T @ cross_val.double()
+    Cv = V.T @ C_val @ V
+    del V
+    errors = []
+    for lam in lambdas:
+        if lam > 0:
+            X = (P + lam * Q) / (e + lam)[:, None]
+        else:
+            X = P * torch.where(e > cutoff, 1.0 / e, torch.zeros_like(e))[:, None]
+        errors.append(max(float(norm2_val) - 2 * _dot(X, Xv) + _dot(X, Cv @ X), 0.0))
+    return errors
+
+
+@dataclass
+class LambdaChoice:
+    """The validation curve over the grid and the factor picked (lowest held-out error)."""
+
+    factors: list[float]
+    lambdas: list[float]  # c * trace(C_fit) / n: on the fit part's scale
+    held_out_error: list[float]
+    held_out_norm2: float
+    pick: float
+
+    def summary(self) -> dict:
+        rel = [(e / self.held_out_norm2) ** 0.5 if self.held_out_norm2 > 0 else 0.0 for e in self.held_out_error]
+        return {"grid": self.factors, "held_out_rel_error": rel, "held_out_error": self.held_out_error,
+                "pick": self.pick, "pick_index": self.factors.index(self.pick)}
+
+
+def choose_lambda(C_fit: torch.Tensor, cross_fit: torch.Tensor, prior: torch.Tensor, C_val: torch.Tensor,
+                  cross_val: torch.Tensor, norm2_val: float, factors, scale: float) -> LambdaChoice:
+    """The grid's held-out errors with lambda = factor * scale; the pick is the first minimum (smallest factor)."""
+    factors = sorted(float(c) for c in factors)
+    lambdas = [c * scale for c in factors]
+    errors = ridge_path_errors(C_fit, cross_fit, prior, C_val, cross_val, norm2_val, lambdas)
+    best = min(range(len(errors)), key=lambda i: (errors[i], i))
+    return LambdaChoice(factors, lambdas, errors, float(norm2_val), factors[best])
+
+
+def symmetric_kept(C: torch.Tensor, diag: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """C[keep][:, keep] (a new I x I tensor) from C's strict upper triangle and diag(C) only.
+
+    For a C whose lower triangle holds a Cholesky factor (leverage_scores with overwrite).
+    """
+    keep = keep.to(C.device)
+    rows = C[keep][:, keep].triu(1)
+    out = rows + rows.T
+    out.diagonal().copy_(diag[keep])
+    return out

@@ -339,6 +339,65 @@ def plot_plan(cosine_csv: str | Path, plan_jsons: dict[str, str | Path] | str | 
     plan_overlay(matrix, labels, {name: read_json(p) for name, p in plan_jsons.items()}, title, path)
 
 
+# ----------------------------------------------------------------------------- validated lambdas
+
+PICK_FITS = (("mlp", "MLP"), ("attention", "o_proj"), ("map", "map"))  # lambda_validation keys, plot labels
+
+
+def lambda_picks(entries: list[dict]) -> pd.DataFrame:
+    """One row per validated fit (lambda_factor auto) of every compressed model: where, which fit, the pick.
+
+    Read from compression.json's group_stats: `lambda_validation.{mlp,attention,map}.pick`.
+    """
+    rows = []
+    for entry in entries:
+        path = entry.get("compression_json")
+        if not path or not Path(path).is_file():
+            continue
+        for layer, stats in enumerate(_read(path).get("group_stats", [])):
+            validation = stats.get("lambda_validation") or {}
+            for key, label in PICK_FITS:
+                if key in validation:
+                    curve = validation[key]
+                    rows.append({"model": entry["model"], "calibration": entry.get("calibration"),
+                                 "target": entry.get("target"), "method": entry["method"], "layer": layer,
+                                 "first_block": stats["blocks"][0], "blocks": "-".join(map(str, stats["blocks"])),
+                                 "fit": label, "pick": curve["pick"],
+                                 "held_out_rel_error": curve["held_out_rel_error"][curve["pick_index"]]})
+    return pd.DataFrame(rows, columns=["model", "calibration", "target", "method", "layer", "first_block", "blocks",
+                                       "fit", "pick", "held_out_rel_error"])
+
+
+def plot_lambda_picks(picks: pd.DataFrame, path: str | Path) -> None:
+    """The validated factor of every fit against the depth of its group's first block (log axis; 0 at the bottom)."""
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.add_subplot()
+    if len(picks):
+        positive = picks["pick"][picks["pick"] > 0]
+        floor = (positive.min() if len(positive) else 1.0) / 10  # where a pick of 0 (least squares) is drawn
+        keys = ["model", "calibration", "target", "method", "fit"]
+        for number, (key, rows) in enumerate(picks.groupby(keys, sort=False, dropna=False)):
+            rows = rows.sort_values("first_block")
+            ys = np.where(rows["pick"] > 0, rows["pick"], floor)
+            label = " / ".join(str(k) for k, n in zip(key, keys) if picks[n].nunique(dropna=False) > 1) or key[-2]
+            axes.plot(rows["first_block"], ys, marker="o", label=label,
+                      linestyle=("-", "--", ":")[(number // 10) % 3])
+        axes.set_yscale("log")
+        if (picks["pick"] == 0).any():
+            axes.axhline(floor, color="grey", linewidth=0.5)
+            axes.text(0.01, floor, " 0 (least squares)", transform=axes.get_yaxis_transform(), va="bottom",
+                      fontsize="small", color="grey")
+        axes.legend(fontsize="small")
+    else:
+        axes.text(0.5, 0.5, "no fit with lambda_factor auto", ha="center", va="center", transform=axes.transAxes)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("first source block of the group")
+    axes.set_ylabel("picked lambda_factor (held-out error)")
+    axes.set_title("Validated regularization per group")
+    axes.grid(alpha=0.3)
+    _save(figure, path)
+
+
 # ----------------------------------------------------------------------------- generations
 
 

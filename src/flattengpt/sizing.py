@@ -29,7 +29,10 @@ next block writes into, `BlockwiseModel.run_block`):
     search       device  max(V*H*c + 512*V*4, P_b*c + block_working(b*T)) SLEB, the costliest search (methods/sleb.py):
                  host    3 * n*T*H*c                                    the running stream, a trial's stream and its
                                                                         output; k rounds of L(L-1)/2 + L forwards
-                                                                        (LaCo, SLM: a few samples, far less)
+                                                                        (LaCo, SLM: a few samples, far less;
+                                                                        flattengpt plan_criterion trial_error:
+                                                                        one pair's compress memory + 3 copies,
+                                                                        L forwards + L-1 trial compressions)
     compress     device  group_memory_bytes(...)["device"]              methods/flattengpt.py, one group of m blocks
                  host    group_memory_bytes(...)["host"]                 2 copies of the hidden state included
                  (replaceme: device (k+1)*P_b*c + block_working + 6*H^2*8, host 2 * n*T*H*c; drop, shortgpt,
@@ -274,7 +277,8 @@ class Settings:
     gpu_memory_bytes: int
     ppl_windows_per_pass: int | None = None  # evaluation.perplexity.checkpoint_every
     device_map: str | None = None  # evaluation.device_map: whole-model stages spread over the job's GPUs
-    lambda_factor: float = 10.0
+    lambda_factor: float | str = 10.0  # or "auto"
+    plan_criterion: str = "cosine"  # methods.<name>.plan_criterion of flattengpt: trial_error searches
     solve_device: str = "auto"  # methods.<name>.solve_device: auto (where the Gram sums are) or host
     remove_blocks: int | None = None  # k; None: unknown (then no blocks are counted as removed)
     group_size: int = 2  # m, blocks per flattened group
@@ -298,6 +302,7 @@ class Settings:
             store_dtype=config["activations"]["store_dtype"], max_tokens=config["activations"]["max_tokens"],
             method=method["method"], compensation_target=method.get("compensation_target", "flattened"),
             lambda_factor=method.get("lambda_factor", 10.0), solve_device=method.get("solve_device", "auto"),
+            plan_criterion=method.get("plan_criterion", "cosine"),
             eval_dtype=eval_dtype, zero_shot_dtype=zero_shot["dtype"] or eval_dtype,
             ppl_seq_len=perplexity["seq_len"], ppl_batch_size=perplexity["batch_size"],
             ppl_windows=perplexity["max_windows"] or ASSUMED_EVAL_WINDOWS,
@@ -459,6 +464,16 @@ def stage_need(stage: str, shapes: Shapes, settings: Settings, attempt: int = 1)
         Ts = min(T, settings.search_sample_len or T)
         block = shapes.block_params * (c + (w if cpu else 0))
         device = max(V * H * c + LOGIT_CHUNK * V * 4, block + block_working_bytes(shapes, b * Ts, Ts, c, cpu=cpu))
+        if settings.method == "flattengpt" and settings.plan_criterion == "trial_error":  # a pair per candidate
+            group = group_memory(shapes, settings, 2)
+            device = max(device, group["device"])
+            host = 3 * hidden_state + group["host"]  # X_l, X_{l+1}, X_{l+2} beside the trial's own
+            mI, mq = 2 * shapes.intermediate, 2 * shapes.q_width
+            flops = (L * _forward_flops(shapes, n * T, T, num_layers=1)
+                     + (L - 1) * 4 * _forward_flops(shapes, n * T, T, num_layers=1, m=2))
+            fp64 = (L - 1) * (2 * n * T * (mI * mI + mq * mq) + 2 * mI ** 3)
+            minutes = _minutes(stage, settings, flops, L * shapes.block_params * w, attempt, fp64_flops=fp64)
+            return _finish(stage, settings, device, host, host, minutes, False, notes)
         if settings.method in ("laco", "slm"):
             # X_0..X_L of the samples cached; ~2 L trials of up to L forwards per search, repeats memoized
             host = (L + 3) * ns * Ts * H * c

@@ -135,7 +135,7 @@ def plan_stage(model_json: str | Path, similarity: dict, target: dict, method: d
     started = time.perf_counter()
     model = read_json(model_json)
     chosen, k = _choice(model, method, target)
-    if chosen.chooses_with != "similarity":
+    if chosen.choice_source(chosen.options) != "similarity":
         raise ValueError(f"method {chosen.name} chooses from the model (the search rule), not the similarity views")
     views = SimilarityViews.load(similarity["cosine"], similarity.get("angular_distance"),
                                  similarity.get("block_influence"))
@@ -155,7 +155,7 @@ def search_stage(model_json: str | Path, tokens: str | Path, target: dict, metho
     started = time.perf_counter()
     model = read_json(model_json)
     chosen, k = _choice(model, method, target)
-    if chosen.chooses_with != "model":
+    if chosen.choice_source(chosen.options) != "model":
         raise ValueError(f"method {chosen.name} chooses from the similarity views (the plan rule), not a search")
     input_ids, _ = load_tokens(tokens)
     provenance = {**provenance, "inputs": {"model_fingerprint": model["fingerprint"],
@@ -349,6 +349,15 @@ def report_stage(entries: list[dict], plans: list[dict], outputs: dict, provenan
     for path in as_list(outputs.get("accuracy", [])):
         plot_vs_blocks(table, "mean_acc", path, ylabel="mean zero-shot accuracy (%)",
                        title="Mean zero-shot accuracy vs blocks removed")
+    if outputs.get("lambda_picks"):  # only where a method has lambda_factor auto
+        from .report import lambda_picks, plot_lambda_picks
+
+        picks = lambda_picks(entries)
+        with atomic_path(as_list(outputs["lambda_picks_csv"])[0]) as tmp:
+            picks.to_csv(tmp, index=False)
+        for path in as_list(outputs["lambda_picks"]):
+            plot_lambda_picks(picks, path)
+        log.info("validated lambda picks: %d fits", len(picks))
     for plan in plans:
         plot_plan(plan["cosine_csv"], plan["plan_jsons"], plan["figure"],
                   title=f"{plan['model']} / {plan['calibration']} / {plan['target']}: cosine similarity and "

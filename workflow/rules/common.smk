@@ -333,7 +333,7 @@ def method_names_regex(chooses_with):
     from flattengpt.methods import method_class
 
     names = [name for name, spec in config["methods"].items()
-             if method_class(spec["method"]).chooses_with == chooses_with]
+             if method_class(spec["method"]).choice_source(spec) == chooses_with]
     return "|".join(re.escape(name) for name in names) or "(?!)"  # (?!) matches nothing
 
 
@@ -395,6 +395,11 @@ def report_entries():
             "generations": f"{base}/eval/generations.json",
         })
     return entries
+
+
+def validated_lambda_methods():
+    """The methods whose fits pick lambda on held-out calibration sequences (lambda_factor: auto)."""
+    return [name for name, settings in config["methods"].items() if settings.get("lambda_factor") == "auto"]
 
 
 def report_plans():

@@ -20,6 +20,10 @@ rule report:
         accuracy=[report("results/report/accuracy.png", caption="../report/accuracy.rst", category="2. Plots",
                          labels={"figure": "mean zero-shot accuracy"})]
                  if config["evaluation"]["zero_shot"]["tasks"] else [],
+        lambda_picks=[report("results/report/lambda_picks.png", caption="../report/lambda_picks.rst",
+                             category="2. Plots", labels={"figure": "validated lambda per group"})]
+                     if validated_lambda_methods() else [],
+        lambda_picks_csv=["results/report/lambda_picks.csv"] if validated_lambda_methods() else [],
         plan_figures=[report(plan["figure"], caption="../report/plan.rst", category="4. Plans",
                              labels={"model": plan["model"], "calibration": plan["calibration"],
                                      "target": plan["target"]})

@@ -140,6 +140,11 @@ class Method:
         """Raise MethodError naming the option when a value is out of range (the schema checks types)."""
 
     @classmethod
+    def choice_source(cls, options: dict) -> str:
+        """Where this method chooses with these options: "similarity" (plan rule) or "model" (search rule)."""
+        return cls.chooses_with
+
+    @classmethod
     def choice_options(cls, options: dict) -> dict:
         return {k: options[k] for k in cls.CHOICE_OPTIONS if k in options}
 

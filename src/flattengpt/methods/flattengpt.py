@@ -34,6 +34,10 @@ calibration set and b = prune.BLOCK:
     Gram.check_finite scans C in row chunks (isfinite on the whole of it would add |C| and three
     n^2 masks, 1.4 n^2 8, the former peak of the MLP phase). The stored tensors are views of the
     memory-mapped safetensors file: their pages count as RSS for as long as anything refers to them.
+    lambda_factor auto keeps the held-out sequences' sums beside the fit part's (heads + n_a^2 8 + n_a d 8,
+    MLP + n^2 8 [+ n d 8]) and scores the grid on the kept channels (solve + n^2 8 + 2 n d 8 + 6 I^2 8
+    + 4 I d 8: the held-out C, C W for both parts, C_SS, its held-out part, their difference, eigh's
+    eigenvectors and workspace, the rotated held-out sums).
     solve_device host moves the solve phase's memory to the host. At lambda_factor 0 the leverage
     scores use eigh (C, its eigenvectors and LAPACK's 2 n^2 workspace: +3 n^2 8) and the solve uses
     pinv (about 4 I^2 8). On a CPU run device and host are the same RAM, and where the compute
@@ -51,13 +55,15 @@ from ..adapters import BlockShape
 from ..blockwise import BlockwiseModel
 from ..flatten import build_block, check_block, flatten_group, names, pad_block, widen
 from ..plan import Layer, Plan, make_plan
-from ..prune import (BLOCK, SOLVE_DTYPES, Gram, attention_statistics, head_columns, mlp_statistics, prune_channels,
-                     prune_heads, ridge_fit, ridge_lambda, select_channels, select_kv_groups)
+from ..prune import (BLOCK, LAMBDA_GRID, SOLVE_DTYPES, Gram, LambdaChoice, _dot, attention_statistics, choose_lambda,
+                     head_columns, held_out_split, leverage_scores, mlp_statistics, prune_channels, prune_heads,
+                     ridge_fit, ridge_lambda, select_channels, select_kv_groups, symmetric_kept, top_k_in_order)
 from .base import Built, BuildContext, Method, MethodError, SimilarityViews
 
 TARGETS = ("flattened", "original")
 HEAD_SCORINGS = ("output_norm",)
 SOLVE_DEVICES = ("auto", "host")
+PLAN_CRITERIA = ("cosine", "trial_error")
 FLATTENING_CHOICE = ("max_group_size", "protect_first", "protect_last")  # read from the target
 
 
@@ -82,11 +88,12 @@ def _check_finite(hidden: torch.Tensor, what: str) -> None:
 
 
 @torch.no_grad()
-def compress_group(runner: BlockwiseModel, group: list[int], hidden: torch.Tensor, *, lambda_factor: float = 10.0,
+def compress_group(runner: BlockwiseModel, group: list[int], hidden: torch.Tensor, *, lambda_factor: float | str = 10.0,
                    compensation_target: str = "flattened", attn_compensation: bool = False, batch_size: int = 8,
                    save_dtypes: dict[str, torch.dtype] | None = None, keep_kv_heads: int | None = None,
                    keep_channels: int | None = None, solve_device: str = "auto",
-                   solve_dtype: str = "float64") -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
+                   solve_dtype: str = "float64", validation: dict | None = None,
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
     """Flatten `group` and prune it to `keep_kv_heads` KV groups and `keep_channels` MLP channels.
 
     `hidden` is the group's input over the calibration set. Returns the pruned block (cast to
@@ -97,6 +104,10 @@ def compress_group(runner: BlockwiseModel, group: list[int], hidden: torch.Tenso
     are never rounded through the compute dtype; only the activations are computed in it.
     solve_device "host" moves the Gram sums to CPU RAM for the solves; solve_dtype is the
     precision of the factorisations and triangular solves (the sums and error checks stay float64).
+    lambda_factor "auto" picks the compensation's factor per group on held-out calibration sequences
+    (`validation`: fraction, seed, grid, selection_lambda_factor; see prune.choose_lambda) and refits
+    on all of them; the channels are then selected with the leverage scores at
+    selection_lambda_factor, and the o_proj refit (when applied) gets its own validated factor.
     """
     adapter, device, dtype = runner.adapter, runner.device, runner.dtype
     shape, first, m = adapter.shape, group[0], len(group)
@@ -114,9 +125,18 @@ def compress_group(runner: BlockwiseModel, group: list[int], hidden: torch.Tenso
         _check_finite(new_hidden, "the block's output")
         return sources[0], new_hidden, {**stats, "flattened": False}
 
-    def batches():
-        for start in range(0, hidden.shape[0], batch_size):
-            x = hidden[start:start + batch_size].to(device, dtype)
+    auto = lambda_factor == "auto"
+    if auto:
+        validation = {**VALIDATION_DEFAULTS, **(validation or {})}
+        fit_rows, held_rows = held_out_split(hidden.shape[0], validation["fraction"], validation["seed"])
+        stats["lambda_validation"] = {"held_out_sequences": held_rows.tolist(), "fit_sequences": len(fit_rows),
+                                      "fraction": validation["fraction"], "seed": validation["seed"]}
+
+    def batches(rows: torch.Tensor | None = None):
+        count = hidden.shape[0] if rows is None else len(rows)
+        for start in range(0, count, batch_size):
+            part = hidden[start:start + batch_size] if rows is None else hidden[rows[start:start + batch_size]]
+            x = part.to(device, dtype)
             yield x, runner.block_kwargs(first, x)
 
     def solve_place(gram: Gram) -> Gram:  # where the solves run: the device the sums were made on, or the host
@@ -133,14 +153,32 @@ def compress_group(runner: BlockwiseModel, group: list[int], hidden: torch.Tenso
 
     # 1. Heads: score on the wide block, keep the best KV groups (their query heads with them).
     layer = build_block(adapter, wide, first, wide_shape, device, dtype)
-    head_scores, attn_gram = attention_statistics(layer, adapter, wide_shape, batches())
+    if auto:  # the same sums, over the fit and the held-out sequences apart
+        head_fit, attn_gram = attention_statistics(layer, adapter, wide_shape, batches(fit_rows))
+        head_held, attn_held = attention_statistics(layer, adapter, wide_shape, batches(held_rows))
+        head_scores = (head_fit * attn_gram.tokens + head_held * attn_held.tokens) / (attn_gram.tokens
+                                                                                     + attn_held.tokens)
+    else:
+        head_scores, attn_gram = attention_statistics(layer, adapter, wide_shape, batches())
     del layer
     kept_kv, kept_heads = select_kv_groups(head_scores, shape.kv_group_size, keep_kv)
     attn_gram = solve_place(attn_gram)
     W_o = wide[f"{n['o']}.weight"].T.double().to(attn_gram.C.device)  # W = W_O^T: (heads * head_dim) x hidden
     cols = head_columns(kept_heads, shape.head_dim).to(W_o.device)
+    attn_factor = lambda_factor
+    if auto:
+        attn_held = solve_place(attn_held)
+        if attn_compensation:  # the refit's own factor, on the flattened attention output z W_O^T
+            choice = _validated(attn_gram.C, attn_held.C, W_o, cols, None, validation["grid"])
+            stats["lambda_validation"]["attention"] = choice.summary()
+            attn_factor = choice.pick
+        else:  # the refit is not applied: its statistics at the selection factor
+            attn_factor = validation["selection_lambda_factor"]
+        attn_gram.C.add_(attn_held.C)  # all sequences
+        attn_gram.tokens += attn_held.tokens
+        del attn_held
     attn_C, attn_gram.C = attn_gram.C, None  # its storage is reused by the solve
-    attn_fit = ridge_fit(attn_C, W_o, cols, ridge_lambda(attn_C, lambda_factor), overwrite=True,
+    attn_fit = ridge_fit(attn_C, W_o, cols, ridge_lambda(attn_C, attn_factor), overwrite=True,
                          dtype=solve_precision)
     del attn_C, W_o
     o_weight = attn_fit.weight.T if attn_compensation else None
@@ -170,20 +208,35 @@ def compress_group(runner: BlockwiseModel, group: list[int], hidden: torch.Tenso
                 y = block(y, **runner.block_kwargs(index, y))
                 y = y[0] if isinstance(y, tuple) else y
             return y.to(target_dtype) - h.to(target_dtype)
-    gram = solve_place(mlp_statistics(layer, adapter, batches(), target))
+    if auto:
+        gram = solve_place(mlp_statistics(layer, adapter, batches(fit_rows), target))
+        held = solve_place(mlp_statistics(layer, adapter, batches(held_rows), target))
+    else:
+        gram, held = solve_place(mlp_statistics(layer, adapter, batches(), target)), None
     del layer, target
     originals = None
     W = wide[f"{n['down']}.weight"].T.double().to(gram.C.device)  # W = W_down^T: (m*I) x hidden
-    C, gram.C = gram.C, None  # select_channels factors C in its own storage
-    lam = ridge_lambda(C, lambda_factor)
-    norm2 = None if gram.cross is None else gram.norm2
-    scores, fit, fit_flattened = select_channels(C, W, keep_channels, lam, gram.cross, norm2, dtype=solve_precision)
-    del C, W
+    if auto:
+        selection_factor = validation["selection_lambda_factor"]
+        scores, fit, fit_flattened, choice = _validated_channels(gram, held, W, keep_channels, selection_factor,
+                                                                validation["grid"], solve_precision)
+        stats["lambda_validation"]["mlp"] = choice.summary()
+        del held
+    else:
+        C, gram.C = gram.C, None  # select_channels factors C in its own storage
+        lam = ridge_lambda(C, lambda_factor)
+        norm2 = None if gram.cross is None else gram.norm2
+        scores, fit, fit_flattened = select_channels(C, W, keep_channels, lam, gram.cross, norm2,
+                                                     dtype=solve_precision)
+        del C
+    del W
     keep = fit.keep.cpu()
     stats["mlp"] = {
         "kept_channels": len(keep), "of_channels": wide_shape.intermediate_size,
         "kept_channels_per_block": _per_block(keep, shape.intermediate_size, group),
         "leverage_summary": _summary(scores), "target": compensation_target,
+        "lambda_factor": stats["lambda_validation"]["mlp"]["pick"] if auto else lambda_factor,
+        "selection_lambda_factor": validation["selection_lambda_factor"] if auto else lambda_factor,
         "error": fit.summary(gram.tokens), "solve": fit.solve,
     }
     if compensation_target == "original":  # the same selection and fit measured against the flattened MLP output
@@ -198,9 +251,71 @@ def compress_group(runner: BlockwiseModel, group: list[int], hidden: torch.Tenso
     return final, new_hidden, {**stats, "flattened": True}
 
 
+VALIDATION_DEFAULTS = {"fraction": 0.25, "seed": 0, "grid": list(LAMBDA_GRID), "selection_lambda_factor": 1.0}
+
+
+def _validated(C_fit: torch.Tensor, C_held: torch.Tensor, W: torch.Tensor, keep: torch.Tensor,
+               targets: tuple | None, grid) -> LambdaChoice:
+    """The factor of the fit of `keep`'s rows toward S^T W, scored on the held-out sums.
+
+    targets = (cross_fit, cross_held, norm2_held) of another target R; None: the target psi W itself
+    (cross = C W, ||R||^2 = <W, C W>). The scale is the fit part's trace(C) / n, as ridge_lambda.
+    """
+    if targets is None:
+        CW_held = C_held @ W
+        cross_fit, cross_held, norm2_held = (C_fit @ W)[keep], CW_held[keep], _dot(W, CW_held)
+        del CW_held
+    else:
+        cross_fit, cross_held, norm2_held = targets[0][keep], targets[1][keep], targets[2]
+    scale = float(torch.trace(C_fit)) / C_fit.shape[0]
+    return choose_lambda(C_fit[keep][:, keep], cross_fit, W[keep], C_held[keep][:, keep], cross_held, norm2_held,
+                         grid, scale)
+
+
+def _validated_channels(gram: Gram, held: Gram, W: torch.Tensor, keep_count: int, selection_factor: float, grid,
+                        dtype: torch.dtype):
+    """MLP channels under lambda_factor auto: (scores, fit, fit vs psi W, LambdaChoice).
+
+    Channels: the top leverage scores of C_all at selection_factor. Then the compensation's factor
+    is validated (fit part vs held-out part, restricted to the kept channels) and the fit redone on
+    all sequences with it. Peak: C_fit (becoming C_all) and C_held, 2 n^2 float64, then a few I x I.
+    """
+    targets = None if gram.cross is None else (gram.cross, held.cross, held.norm2)
+    C, held_C = gram.C, held.C
+    gram.C = held.C = None
+    n = C.shape[0]
+    trace_fit = float(torch.trace(C))
+    C.add_(held_C)  # C_all, in the fit part's storage
+    diag = C.diagonal().clone()
+    CW = C @ W
+    flat_norm2 = _dot(W, CW)
+    if targets is None:
+        cross, norm2 = CW, flat_norm2
+    else:
+        cross, norm2 = gram.cross + held.cross, gram.norm2 + held.norm2
+    scores = leverage_scores(C, ridge_lambda(C, selection_factor), overwrite=True, dtype=dtype)
+    keep = top_k_in_order(scores, keep_count)
+    C_SS = symmetric_kept(C, diag, keep)  # C_all restricted; C's lower triangle now holds a factor
+    held_SS = held_C[keep][:, keep]
+    if targets is None:
+        CW_held = held_C @ W
+        cross_fit, cross_held, norm2_held = (CW - CW_held)[keep], CW_held[keep], _dot(W, CW_held)
+        del CW_held
+    else:
+        cross_fit, cross_held, norm2_held = targets[0][keep], targets[1][keep], targets[2]
+    del held_C
+    choice = choose_lambda(C_SS - held_SS, cross_fit, W[keep], held_SS, cross_held, norm2_held, grid,
+                           trace_fit / n)
+    del C_SS, held_SS, cross_fit, cross_held
+    lam = choice.pick * float(diag.sum()) / n  # ridge_lambda of C_all
+    fit = ridge_fit(C, W, keep, lam, cross, norm2, overwrite=True, diag=diag, dtype=dtype)
+    gram.tokens += held.tokens
+    return scores, fit, fit.against(CW, flat_norm2), choice
+
+
 def group_memory_bytes(shape: BlockShape, group_size: int, *, compute_dtype_bytes: int, batch_size: int, seq_len: int,
                        compensation_target: str, solve_device: str, n_samples: int = 128,
-                       source_dtype_bytes: int | None = None, lambda_factor: float = 10.0,
+                       source_dtype_bytes: int | None = None, lambda_factor: float | str = 10.0,
                        device: str = "cuda") -> dict[str, int]:
     """Peak bytes of compressing one group of `group_size` blocks of `shape`: {"device": .., "host": ..}.
 
@@ -225,12 +340,47 @@ def group_memory_bytes(shape: BlockShape, group_size: int, *, compute_dtype_byte
     solve = n**2 * 8 + (3 if original else 2) * n * d * 8 + 4 * I * d * 8 + 4 * n * b * 8
     if lambda_factor == 0:
         solve += 3 * n**2 * 8 + 4 * I**2 * 8
+    if lambda_factor == "auto":  # the held-out part's sums beside the fit part's; the grid on I x I matrices
+        heads += n_attn**2 * 8 + n_attn * d * 8
+        mlp += n**2 * 8 + (n * d * 8 if original else 0)
+        solve += n**2 * 8 + 2 * n * d * 8 + 6 * I**2 * 8 + 4 * I * d * 8
     host = 2 * n_samples * seq_len * d * w + 3 * m * p_block * s + 2**29
     if device == "cpu":
         return {"device": 0, "host": host + max(heads, mlp, solve)}
     if solve_device == "host":
         return {"device": max(heads, mlp), "host": host + solve}
     return {"device": max(heads, mlp, solve), "host": host}
+
+
+def _non_negative(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0
+
+
+def check_validation_options(o: dict) -> None:
+    """lambda_factor (a number >= 0 or "auto") and the options of "auto"; numbers made floats in place."""
+    if o["lambda_factor"] != "auto":
+        if not _non_negative(o["lambda_factor"]):
+            raise MethodError(f"lambda_factor must be a number >= 0 or \"auto\", got {o['lambda_factor']!r}")
+        o["lambda_factor"] = float(o["lambda_factor"])
+    fraction = o["validation_fraction"]
+    if not _non_negative(fraction) or not 0 < fraction < 1:
+        raise MethodError(f"validation_fraction must be in (0, 1), got {fraction!r}")
+    if isinstance(o["validation_seed"], bool) or not isinstance(o["validation_seed"], int):
+        raise MethodError(f"validation_seed must be an integer, got {o['validation_seed']!r}")
+    grid = o["lambda_grid"]
+    if not isinstance(grid, list) or not grid or not all(_non_negative(c) for c in grid):
+        raise MethodError(f"lambda_grid must be a non-empty list of numbers >= 0, got {grid!r}")
+    o["lambda_grid"] = sorted(float(c) for c in grid)
+    if "selection_lambda_factor" in o:
+        if not _non_negative(o["selection_lambda_factor"]) or o["selection_lambda_factor"] == 0:
+            raise MethodError(f"selection_lambda_factor must be a number > 0, got {o['selection_lambda_factor']!r}")
+        o["selection_lambda_factor"] = float(o["selection_lambda_factor"])
+
+
+def validation_settings(o: dict) -> dict:
+    """The `validation` argument of compress_group from a method's options."""
+    return {"fraction": o["validation_fraction"], "seed": o["validation_seed"], "grid": o["lambda_grid"],
+            "selection_lambda_factor": o.get("selection_lambda_factor", 1.0)}
 
 
 def flattening_plan(views: SimilarityViews, k: int | None, target: dict) -> Plan:
@@ -249,8 +399,25 @@ class FlattenGPT(Method):
     reads_plan_file = True
     summary = "flatten each planned group into one wide block and prune it back to the original width"
     OPTIONS = {"lambda_factor": 10.0, "compensation_target": "flattened", "attn_compensation": False,
-               "head_scoring": "output_norm", "solve_device": "auto", "solve_dtype": "float64"}
-    CHOICE_OPTIONS = ()  # the plan comes from the target's options (max_group_size, protections, plan_file)
+               "head_scoring": "output_norm", "solve_device": "auto", "solve_dtype": "float64",
+               # lambda_factor auto: what is held out, the grid, and the leverage scores' factor
+               "validation_fraction": VALIDATION_DEFAULTS["fraction"], "validation_seed": VALIDATION_DEFAULTS["seed"],
+               "lambda_grid": list(LAMBDA_GRID),
+               "selection_lambda_factor": VALIDATION_DEFAULTS["selection_lambda_factor"],
+               # cosine: the paper's greedy plan on input similarity (plan rule); trial_error: the pairs whose
+               # trial compression leaves the least held-out error (search rule, methods/trial_plan.py)
+               "plan_criterion": "cosine"}
+    CHOICE_OPTIONS = ("plan_criterion",)  # and the target's options (max_group_size, protections, plan_file)
+
+    @classmethod
+    def choice_source(cls, options: dict) -> str:
+        return "model" if options.get("plan_criterion") == "trial_error" else "similarity"
+
+    @classmethod
+    def choice_options(cls, options: dict) -> dict:
+        if options.get("plan_criterion") == "trial_error":  # the trial compressions use every fit option
+            return {k: v for k, v in options.items() if k in cls.OPTIONS}
+        return super().choice_options(options)
 
     def check_options(self) -> None:
         o = self.options
@@ -258,16 +425,22 @@ class FlattenGPT(Method):
                               ("solve_device", SOLVE_DEVICES), ("solve_dtype", tuple(SOLVE_DTYPES))):
             if o[name] not in allowed:
                 raise MethodError(f"{name} {o[name]!r} is not one of {', '.join(allowed)}")
-        if isinstance(o["lambda_factor"], bool) or not isinstance(o["lambda_factor"], (int, float)) \
-                or not o["lambda_factor"] >= 0:
-            raise MethodError(f"lambda_factor must be >= 0, got {o['lambda_factor']!r}")
-        o["lambda_factor"] = float(o["lambda_factor"])
+        check_validation_options(o)
+        if o["plan_criterion"] not in PLAN_CRITERIA:
+            raise MethodError(f"plan_criterion {o['plan_criterion']!r} is not one of {', '.join(PLAN_CRITERIA)}")
         if o["solve_dtype"] == "float32" and o["lambda_factor"] == 0:
             # without the ridge the systems can be singular: float32 has no margin for that
             raise MethodError("solve_dtype float32 needs lambda_factor > 0 (the least-squares solve at lambda 0 "
                               "can be singular); set solve_dtype: float64 or lambda_factor > 0")
 
     def choose(self, k, *, views=None, search=None, target=None) -> Plan:
+        if self.options["plan_criterion"] == "trial_error":
+            if search is None:
+                raise MethodError("plan_criterion trial_error chooses from the model and the calibration tokens "
+                                  "(the search rule)")
+            from .trial_plan import trial_plan
+
+            return trial_plan(self, k, search, target)
         plan = flattening_plan(views, k, target or {"remove_blocks": k})
         plan.method = self.name
         return plan
@@ -281,7 +454,7 @@ class FlattenGPT(Method):
             ctx.runner, layer.blocks, hidden, lambda_factor=o["lambda_factor"],
             compensation_target=o["compensation_target"], attn_compensation=o["attn_compensation"],
             batch_size=ctx.batch_size, save_dtypes=ctx.save_dtypes(layer.base), solve_device=o["solve_device"],
-            solve_dtype=o["solve_dtype"])
+            solve_dtype=o["solve_dtype"], validation=validation_settings(o))
         return Built(block, {"op": layer.op, **stats}, hidden_out=new_hidden)
 
 

@@ -32,7 +32,12 @@ The map is folded into down_proj: M T = psi (W_down^T T), so the new weight is T
 in float64, cast to the stored dtype); a down_proj bias b would become T^T b. Every other tensor of
 block a, and every kept block, is the stored tensor bit for bit.
 
-Option: lambda_factor (>= 0, default 0), a fit option (the span does not depend on it).
+Options (fit options: the span does not depend on them): lambda_factor (>= 0, default 0, or "auto":
+the factor of lambda_grid with the lowest error on held-out calibration sequences, from one
+eigendecomposition of the fit part's G (prune.choose_lambda, prior T = I), then the map refitted on
+all sequences; validation_fraction, validation_seed, lambda_grid as FlattenGPT's). Under auto the
+fit and held-out parts' sums are kept apart: two more d x d float64 sums, and the grid's
+eigenvectors and rotated sums (three d x d).
 
 Cost, in block forwards of the calibration set (N x T tokens): the fit runs block a and the k
 removed blocks once each (k + 1), with all k + 1 blocks resident so that each batch goes through
@@ -72,8 +77,9 @@ import torch
 from ..blockwise import BlockwiseModel
 from ..flatten import check_block, names
 from ..plan import Layer, Plan
-from ..prune import Gram
+from ..prune import LAMBDA_GRID, Gram, choose_lambda, held_out_split
 from .base import Built, BuildContext, Method, MethodError, build_standard
+from .flattengpt import check_validation_options
 from .gromov import gromov_span, span_distances
 
 FIRST_START = 1  # the span must leave one block before it to take the map
@@ -126,11 +132,12 @@ def _rows_sq_sum(t: torch.Tensor, chunk_elements: int = 2**24) -> float:
 
 @torch.no_grad()
 def span_sums(runner: BlockwiseModel, blocks: list[int], hidden: torch.Tensor,
-              batch_size: int) -> tuple[Gram, float]:
+              batch_size: int, rows: torch.Tensor | None = None) -> tuple[Gram, float]:
     """The float64 sums of the fit over the calibration set: (Gram of M with target R, ||M - R||^2).
 
     `blocks` = [a, l, ..., c]; `hidden` is block a's input. Block a runs once per batch (its hooks
     give h and M, its output y_a), then the removed blocks run on y_a to give Y, as the original model.
+    `rows`: only these calibration sequences (lambda_factor auto sums the fit and held-out parts apart).
     """
     device, dtype = runner.device, runner.dtype
     # R = Y - h and Y - y_a are differences of large residuals: form them in float32 at least
@@ -141,8 +148,10 @@ def span_sums(runner: BlockwiseModel, blocks: list[int], hidden: torch.Tensor,
     split = _Split(block_a, runner.adapter)
     gram, plain = Gram(), 0.0
     try:
-        for start in range(0, hidden.shape[0], batch_size):
-            x = hidden[start:start + batch_size].to(device, dtype)
+        count = hidden.shape[0] if rows is None else len(rows)
+        for start in range(0, count, batch_size):
+            part = hidden[start:start + batch_size] if rows is None else hidden[rows[start:start + batch_size]]
+            x = part.to(device, dtype)
             y = block_a(x, **runner.block_kwargs(first, x))
             y_a = y[0] if isinstance(y, tuple) else y
             h, M = split.seen.pop("h"), split.seen.pop("M")
@@ -226,14 +235,33 @@ class ReplaceMe(Method):
     chooses_with = "similarity"
     fits = True
     summary = "drop the Gromov span (l >= 1), fold a least-squares linear map into the block before it"
-    OPTIONS = {"lambda_factor": 0.0}
+    OPTIONS = {"lambda_factor": 0.0, "validation_fraction": 0.25, "validation_seed": 0, "lambda_grid": list(LAMBDA_GRID)}
     CHOICE_OPTIONS = ()  # the span comes from the angular distance alone
 
     def check_options(self) -> None:
-        value = self.options["lambda_factor"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise MethodError(f"lambda_factor must be a number >= 0, got {value!r}")
-        self.options["lambda_factor"] = float(value)
+        check_validation_options(self.options)
+
+    def _sums(self, ctx: BuildContext, layer: Layer, hidden) -> tuple[Gram, float, dict | None, float]:
+        """The fit's sums over all sequences, the validation record (lambda_factor auto) and the factor used."""
+        o = self.options
+        if o["lambda_factor"] != "auto":
+            gram, plain = span_sums(ctx.runner, layer.blocks, hidden, ctx.batch_size)
+            return gram, plain, None, o["lambda_factor"]
+        fit_rows, held_rows = held_out_split(hidden.shape[0], o["validation_fraction"], o["validation_seed"])
+        gram, plain = span_sums(ctx.runner, layer.blocks, hidden, ctx.batch_size, fit_rows)
+        held, held_plain = span_sums(ctx.runner, layer.blocks, hidden, ctx.batch_size, held_rows)
+        d = gram.C.shape[0]
+        identity = torch.eye(d, dtype=gram.C.dtype, device=gram.C.device)  # the prior: T = I, plain dropping
+        choice = choose_lambda(gram.C, gram.cross, identity, held.C, held.cross, held.norm2, o["lambda_grid"],
+                               float(torch.trace(gram.C)) / d)
+        del identity
+        gram.C.add_(held.C)
+        gram.cross.add_(held.cross)
+        gram.norm2 += held.norm2
+        gram.tokens += held.tokens
+        record = {"held_out_sequences": held_rows.tolist(), "fit_sequences": len(fit_rows),
+                  "fraction": o["validation_fraction"], "seed": o["validation_seed"], "map": choice.summary()}
+        return gram, plain + held_plain, record, choice.pick
 
     def choose(self, k, *, views=None, search=None, target=None) -> Plan:
         return replaceme_plan(views.angular_distance, k, method=self.name)
@@ -249,9 +277,9 @@ class ReplaceMe(Method):
         runner, base = ctx.runner, layer.base
         source = ctx.source_tensors(base)
         check_block(source, runner.adapter, runner.adapter.shape)
-        gram, plain = span_sums(runner, layer.blocks, hidden, ctx.batch_size)
+        gram, plain, validation, factor = self._sums(ctx, layer, hidden)
         g, gram.cross = gram.cross.sub_(gram.C), None  # M^T (R - M), in the storage of M^T R
-        D, solve = solve_transform(gram.C, g, self.options["lambda_factor"])
+        D, solve = solve_transform(gram.C, g, factor)
         fit = fit_error(gram.C, g, plain, D)
         del g
         gram.C = None
@@ -266,7 +294,8 @@ class ReplaceMe(Method):
 
         stats = {
             "op": "patch", "blocks": layer.blocks, "replaced_blocks": layer.blocks[1:],
-            "lambda_factor": self.options["lambda_factor"], "lambda": solve.pop("lambda"),
+            "lambda_factor": factor, "lambda": solve.pop("lambda"),
+            **({"lambda_validation": validation} if validation else {}),
             "tokens": gram.tokens, "target_norm2": gram.norm2,
             "error_plain_drop": plain, "error_fit": fit,
             "rel_sq_error_plain_drop": relative(plain), "rel_sq_error_fit": relative(fit),

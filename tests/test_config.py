@@ -52,7 +52,8 @@ def test_hub_texts_keep_their_own_fields():
     """ptb's records have `sentence`, not `text`: the file default must not reach hub datasets."""
     config = minimal_config()
     config["calibration"] = {"ptb": {"source": "hub", "name": "ptb"},
-                             "file": {"source": "local", "path": str(REPO / "config.yaml")}}
+                             "file": {"source": "local", "path": str(REPO / "config.yaml"), "n_samples": 4,
+                                      "seq_len": 64}}
     validate_config(config, SCHEMA)
     assert "fields" not in config["calibration"]["ptb"]
     assert config["calibration"]["file"]["fields"] == ["text"]

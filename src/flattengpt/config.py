@@ -149,7 +149,7 @@ def _check_model(name: str, spec: dict, errors: list[str]) -> None:
             errors.append(f"{where}: {err}")
 
 
-def _check_text(where: str, spec: dict, errors: list[str]) -> None:
+def _check_text(where: str, spec: dict, errors: list[str], min_tokens: int | None = None) -> None:
     source = spec.get("source")
     if source == "embedded":
         corpora = _embedded_corpora()
@@ -159,8 +159,13 @@ def _check_text(where: str, spec: dict, errors: list[str]) -> None:
         path = spec.get("path")
         if not path:
             errors.append(f"{where}.path: missing; set it to a text, JSON or JSONL file")
-        elif not Path(path).is_file():
+        elif not Path(path).expanduser().is_file():
             errors.append(f"{where}.path: {path} does not exist; give an existing text, JSON or JSONL file")
+        else:
+            from .data import local_text_problems
+
+            errors.extend(f"{where}.path: {problem}" for problem in
+                          local_text_problems(path, spec.get("fields"), min_tokens))
     elif source == "hub":
         if spec.get("name") not in _hub_datasets():
             errors.append(f"{where}.name: {spec.get('name')!r} is not a known hub dataset; use one of "
@@ -174,8 +179,9 @@ _TEXT_KEYS = ("source", "name", "path", "fields", "split")
 
 def _check_calibration(name: str, spec: dict, errors: list[str]) -> None:
     where = f"calibration.{name}"
+    n_samples, seq_len = spec.get("n_samples", 32), spec.get("seq_len", 256)
     if "mix" not in spec:
-        _check_text(where, spec, errors)
+        _check_text(where, spec, errors, n_samples * seq_len)
         return
     beside = [key for key in _TEXT_KEYS if key in spec]
     if beside:
@@ -222,6 +228,14 @@ def _check_target(name: str, spec: dict, layer_counts: dict[str, int], errors: l
                       "e.g. 0.2")
     if "plan_file" in given and not Path(spec["plan_file"]).is_file():
         errors.append(f"{where}.plan_file: {spec['plan_file']} does not exist")
+    elif "plan_file" in given:  # syntax, groups, overlaps, contiguity and range, against every model it runs on
+        from .plan import plan_from_file
+
+        for model, num_layers in layer_counts.items():
+            try:
+                plan_from_file(spec["plan_file"], num_layers)
+            except ValueError as err:
+                errors.append(f"{where}.plan_file (model {model!r}, {num_layers} blocks): {err}")
     if "remove_blocks" in given:
         k = spec["remove_blocks"]
         for model, num_layers in layer_counts.items():

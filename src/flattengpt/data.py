@@ -143,6 +143,34 @@ def join_records(records: list[dict], fields: list[str]) -> str:
     return "\n\n".join(texts)
 
 
+def read_records(path: str | Path) -> list:
+    """The records of a .json (a list) or .jsonl (one object per line) file; a parse error names the line.
+
+    JSONL: `path, line N: <error>` with N the file's own line number (blank lines count);
+    JSON: the decoder's line and column within the file.
+    """
+    path = Path(path)
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not a JSON record ({err.msg} at column {err.colno}); "
+                                 "fix or remove that line") from None
+        return records
+    try:
+        records = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, found a {type(records).__name__}")
+    return records
+
+
 def _local_text(spec: dict) -> tuple[str, dict]:
     path = Path(spec["path"]).expanduser()
     if not path.is_file():
@@ -150,17 +178,44 @@ def _local_text(spec: dict) -> tuple[str, dict]:
     info: dict[str, Any] = {"source": "local", "path": str(path)}
     if path.suffix in (".json", ".jsonl"):
         fields = list(spec.get("fields") or ["text"])
-        raw = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        else:
-            records = json.loads(raw)
-            if not isinstance(records, list):
-                raise ValueError(f"{path}: expected a JSON list of records, found a {type(records).__name__}")
+        records = read_records(path)
         info["fields"] = fields
         info["n_records"] = len(records)
-        return join_records(records, fields), info
+        try:
+            return join_records(records, fields), info
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     return path.read_text(encoding="utf-8"), info
+
+
+def local_text_problems(path: str | Path, fields: list[str] | None, min_tokens: int | None = None,
+                        parse_limit_bytes: int = 256 * 2**20) -> list[str]:
+    """What is wrong with a local text file, found without a tokenizer (config time); [] when nothing.
+
+    Empty file; fewer bytes than `min_tokens` (no tokenizer yields more tokens than the text has
+    bytes, bar one BOS and a dummy prefix per piece `tokenize` feeds it, so this bound never refuses
+    a file that would do); JSON/JSONL that does not
+    parse or whose records lack every field (files up to `parse_limit_bytes` are parsed).
+    """
+    path = Path(path).expanduser()
+    size = path.stat().st_size
+    if size == 0:
+        return [f"{path} is empty; give a file with text in it"]
+    problems = []
+    if path.suffix in (".json", ".jsonl") and size <= parse_limit_bytes:
+        try:
+            text = join_records(read_records(path), list(fields or ["text"]))
+        except ValueError as err:
+            message = str(err)
+            return [message if message.startswith(str(path)) else f"{path}: {message}"]
+        if not text.strip():
+            return [f"{path}: the records' fields {list(fields or ['text'])} hold no text"]
+        size = len(text.encode("utf-8"))
+    bound = size + size // CHUNK_CHARS + 2  # one BOS, and a dummy-prefix token per tokenized piece at most
+    if min_tokens is not None and bound < min_tokens:
+        problems.append(f"{path} is too short: {size} bytes of text give at most {bound} tokens, and "
+                        f"n_samples x seq_len = {min_tokens} are needed; use a longer text or fewer/shorter samples")
+    return problems
 
 
 # ----------------------------------------------------------------------------- hub datasets

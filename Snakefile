@@ -54,6 +54,13 @@ rule all:
         all_outputs(),
 
 
+onerror:
+    # the failed jobs' own error lines (the field or file and the fix) on the console (flattengpt/failures.py)
+    from flattengpt.failures import explain_failures
+
+    explain_failures(log)
+
+
 onstart:
     # Under the Slurm executor, never submit beside live jobs of a killed run (flattengpt/slurm.py).
     if workflow.executor_plugin is not None and workflow.executor_plugin.cli_prefix == "slurm":

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flattengpt import compress, prune
 from flattengpt.compress import CompressionError, compress_model
 from flattengpt.methods import flattengpt as flattengpt_method
+from flattengpt.prune import LAMBDA_GRID
 
 from .models_for_tests import STORIES, make_model, make_model_with_tokenizer
 from .test_flatten import grouped_reference_logits, load_reference, make_variant
@@ -88,7 +89,10 @@ def test_end_to_end_reloads_with_vanilla_transformers(tmp_path, monkeypatch, arc
                                 "compensation_target": options.get("compensation_target", "flattened"),
                                 "attn_compensation": options.get("attn_compensation", False),
                                 "head_scoring": "output_norm", "dtype": "float32", "device": "cpu",
-                                "solve_device": "auto", "solve_dtype": "float64", "batch_size": 3}
+                                "solve_device": "auto", "solve_dtype": "float64", "batch_size": 3,
+                                "validation_fraction": 0.25, "validation_seed": 0,
+                                "lambda_grid": list(LAMBDA_GRID), "selection_lambda_factor": 1.0,
+                                "plan_criterion": "cosine"}
     assert [s["flattened"] for s in saved["group_stats"]] == [False, True, False]
     pair = saved["group_stats"][1]
     assert len(pair["heads"]["kept_query_heads"]) == original["num_attention_heads"]

@@ -420,17 +420,26 @@ def test_winogrande_end_to_end(one_thread):
 @pytest.mark.shared
 @needs_shared
 def test_resume_cache_reuses_scored_requests(one_thread, tmp_path):
-    """A run that stopped after some items resumes from lm-eval's request cache with the same result."""
+    """A run that stopped after some items resumes from the JSON request cache with the same result."""
     pytest.importorskip("lm_eval")
+    import json
+
     cache = tmp_path / "resume" / "arc_easy"
     cache.parent.mkdir()
     zero_shot.evaluate_task(STORIES, "arc_easy", data_dir=DATA_DIR, limit=4, batch_size=8, resume_cache=cache)
-    db = tmp_path / "resume" / "arc_easy_rank0.db"
-    assert db.is_file(), "the first four items' requests are on disk"
+    store = tmp_path / "resume" / "arc_easy_rank0.jsonl"
+    records = [json.loads(line) for line in store.read_text().splitlines()]
+    # the first four items' requests are on disk, as plain JSON: one loglikelihood pair per choice
+    assert len(records) >= 8 and all(len(r["value"]) == 2 for r in records)
+    assert not list(tmp_path.rglob("*.db")), "lm-eval's pickling SQLite store is never written"
+    # a SQLite file where lm-eval's store would be is never opened (it could hold anyone's pickles)
+    (tmp_path / "resume" / "arc_easy_rank0.db").write_bytes(b"not a database")
     resumed = zero_shot.evaluate_task(STORIES, "arc_easy", data_dir=DATA_DIR, limit=8, batch_size=8,
                                       resume_cache=cache)
     fresh = zero_shot.evaluate_task(STORIES, "arc_easy", data_dir=DATA_DIR, limit=8, batch_size=8)
     assert resumed["metrics"] == fresh["metrics"]
+    assert len(store.read_text().splitlines()) == len({json.loads(line)["key"] for line in
+                                                       store.read_text().splitlines()}), "one line per request"
 
 
 @pytest.mark.shared

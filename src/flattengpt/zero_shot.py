@@ -13,10 +13,13 @@ paper; lm-eval's standard error of that metric is kept beside it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import time
 from pathlib import Path
+
+from .request_cache import json_request_cache
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +109,9 @@ def evaluate_task(model_dir: str | Path, task: str, *, data_dir: str | Path | No
                   max_memory: dict | None = None) -> dict:
     """Zero-shot score of the checkpoint in `model_dir` on one task, as a JSON-able record.
 
-    `resume_cache` (a path prefix) keeps every scored request in lm-eval's SQLite request cache as
-    it is computed, so a killed run resumes where it stopped. The caller must make the prefix unique
+    `resume_cache` (a path prefix) keeps every scored request in a JSON Lines request cache
+    (`<prefix>_rank0.jsonl`, request_cache.py; never lm-eval's pickling SQLite) as it is computed,
+    so a killed run resumes where it stopped. The caller must make the prefix unique
     to the model, dtype and task: lm-eval keys the cache by request text alone.
 
     `device_map` (with `max_memory`) spreads the model over the GPUs of a node. The model is then
@@ -139,11 +143,13 @@ def evaluate_task(model_dir: str | Path, task: str, *, data_dir: str | Path | No
     task_obj = build_task(task, data_dir)
     # a built local task needs no registry: skip indexing lm-eval's thousands of stock YAMLs (10-20 s a call)
     task_manager = None if isinstance(task_obj, str) else TaskManager(include_defaults=False)
-    results = simple_evaluate(model=lm, tasks=[task_obj], task_manager=task_manager,
-                              num_fewshot=num_fewshot, limit=limit,
-                              log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                              torch_random_seed=seed, fewshot_random_seed=seed,
-                              use_cache=None if resume_cache is None else str(resume_cache))
+    # the request cache is JSON lines (request_cache.py): lm-eval's own SQLite store unpickles what it reads
+    with json_request_cache() if resume_cache is not None else contextlib.nullcontext():
+        results = simple_evaluate(model=lm, tasks=[task_obj], task_manager=task_manager,
+                                  num_fewshot=num_fewshot, limit=limit,
+                                  log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                  torch_random_seed=seed, fewshot_random_seed=seed,
+                                  use_cache=None if resume_cache is None else str(resume_cache))
     (name, raw), = results["results"].items()
     metrics = {key.replace(",none", ""): value for key, value in raw.items()
                if key.endswith(",none") and isinstance(value, (int, float))}

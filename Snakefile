@@ -1,6 +1,7 @@
 # FlattenGPT depth compression: model -> calibration tokens -> activations -> similarity -> plan -> compressed model
 # -> evaluation (perplexity, zero-shot, speed, generations) -> report.
 # Run `snakemake --cores 2` (default config.yaml) or point --configfile at your own config.
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -26,6 +27,11 @@ try:
     validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
 except ConfigError as err:
     raise WorkflowError(str(err))
+if workflow.is_main_process:
+    from flattengpt.config import device_warning
+
+    if device_warning(config):  # an error on the node that runs the job (blockwise.resolve_device)
+        print(f"Warning: {device_warning(config)}", file=sys.stderr)
 
 
 include: "workflow/rules/common.smk"

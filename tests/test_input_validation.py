@@ -113,3 +113,42 @@ def test_a_local_model_directory_plan_file_is_checked_against_its_own_depth(tmp_
     path = text_file(tmp_path, "plan.yaml", "groups: [[2, 3, 4]]\n")
     message = refused(config_with(model={"source": "local", "path": str(model)}, target={"plan_file": path}))
     assert "targets.t.plan_file (model 'm', 4 blocks)" in message
+
+
+# ----------------------------------------------------------------------------- names and devices
+
+
+@pytest.mark.parametrize("section", ["models", "calibration", "targets"])
+def test_a_name_that_cannot_be_a_path_component_is_refused_with_a_suggestion(section):
+    config = config_with()
+    config[section] = {"my run/v2": next(iter(config[section].values()))}
+    message = refused(config)
+    assert f"{section}: 'my run/v2' cannot be a path component" in message and "'my-run-v2'" in message
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda0", "CUDA", "cuda:x"])
+def test_an_unknown_device_is_refused_naming_the_field(device):
+    config = config_with()
+    config["compute"] = {"device": device}
+    assert "compute.device" in refused(config)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_known_devices_pass(device):
+    config = config_with()
+    config["compute"] = {"device": device}
+    validate_config(config, SCHEMA)
+
+
+def test_cuda_without_a_visible_gpu_warns_at_submission_and_fails_on_the_node_naming_the_field():
+    import torch
+
+    from flattengpt.blockwise import resolve_device
+    from flattengpt.config import device_warning
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert "compute.device 'cuda'" in device_warning({"compute": {"device": "cuda"}})
+    assert device_warning({"compute": {"device": "auto"}}) is None
+    with pytest.raises(ValueError, match=r"compute.device 'cuda:1': no CUDA device is visible"):
+        resolve_device("cuda:1")

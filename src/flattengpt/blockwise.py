@@ -8,6 +8,8 @@ files, then freed.
 
 from __future__ import annotations
 
+import os
+
 from typing import Iterator
 
 import torch
@@ -32,7 +34,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; set device: cpu (or auto)")
+        raise ValueError(f"compute.device {name!r}: no CUDA device is visible on this machine "
+                         f"({os.uname().nodename}); set compute.device: auto (or cpu), or run this job on a GPU node")
     return device
 
 

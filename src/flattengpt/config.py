@@ -11,6 +11,7 @@ import importlib.util
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import jsonschema
@@ -50,6 +51,9 @@ def _with_defaults(validator_class):
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
+NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # the schema's pattern of names that become path components
+
+
 def _schema_message(error: jsonschema.ValidationError) -> str:
     where = ".".join(str(p) for p in error.absolute_path) or "config"
     if error.validator == "oneOf":
@@ -58,6 +62,10 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         return f"{where}: {error.message}; allowed keys: {', '.join(allowed)}"
+    if error.validator == "pattern" and error.validator_value == NAME_PATTERN:
+        suggestion = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(error.instance)).strip("-.") or "name"
+        return (f"{where}: {error.instance!r} cannot be a path component; use letters, digits, '_', '.' and '-', "
+                f"starting with a letter or digit, e.g. {suggestion!r}")
     hint = error.schema.get("description") if isinstance(error.schema, dict) else None
     return f"{where}: {error.message}" + (f" ({hint.strip()})" if hint else "")
 
@@ -286,6 +294,21 @@ def runs(config: dict) -> list[dict]:
         return [dict(run) for run in config["runs"]]
     return [{"model": m, "calibration": c, "target": t}
             for m, c, t in itertools.product(config["models"], config["calibration"], config["targets"])]
+
+
+def device_warning(config: dict) -> str | None:
+    """compute.device cuda where this machine sees no GPU: fine if the jobs go to GPU nodes, not if they run here."""
+    device = str(config.get("compute", {}).get("device", "auto"))
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    count = torch.cuda.device_count()
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index < count:
+        return None
+    return (f"compute.device {device!r}: this machine sees {count} CUDA device(s). Jobs submitted to GPU nodes "
+            "(--profile slurm) are fine; jobs run here will fail. For a local run set compute.device: auto or cpu")
 
 
 def check_config(config: dict) -> None:

@@ -507,4 +507,9 @@ def errors_line(stats: dict) -> str:
     if attn["refit_applied"]:
         attn_line += f" -> {attn['rel_error_compensated']:.3f}"
     mlp_line = f"{mlp['rel_error_plain']:.3f} -> {mlp['rel_error_compensated']:.3f}"
+    validation = stats.get("lambda_validation", {})
+    if "mlp" in validation:  # lambda_factor auto: the pick and its held-out error
+        curve = validation["mlp"]
+        mlp_line += (f" (lambda_factor {curve['pick']:g} picked on {len(validation['held_out_sequences'])} held-out "
+                     f"sequences: rel. error {curve['held_out_rel_error'][curve['pick_index']]:.3f})")
     return f"; relative error attention {attn_line}, MLP {mlp_line}"

@@ -1,0 +1,221 @@
+"""Recovery tuning (recover.py) on a tiny random llama with a byte-level tokenizer."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flattengpt.recover import (RECIPE, RecoveryDataError, RecoveryError, RecoveryInterrupted, alpaca_prompt,
+                                check_recovery_data, load_recovery_data, recover, recovery_options)
+
+from .models_for_tests import SAMPLE_TEXT, make_model_with_tokenizer
+
+# 480 tokens of SAMPLE_TEXT: 15 windows of 32 tokens
+TINY = dict(cutoff_len=32, batch_size=4, micro_batch_size=2, learning_rate=1e-2, val_fraction=0.0,
+            eval_every=0, save_every=0, log_every=1000, dropout=0.0)
+
+RECORDS = [
+    {"instruction": "Say the first line.", "input": "", "output": "It was the best of times."},
+    {"instruction": "Continue.", "input": "it was the worst", "output": "of times, it was the age of wisdom."},
+    {"instruction": "Name the season.", "output": "the season of Light"},
+    {"instruction": "Repeat it.", "input": "the spring of hope", "output": "the spring of hope"},
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_with_tokenizer(tmp_path_factory.mktemp("recover"), "llama")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(SAMPLE_TEXT)
+    return path
+
+
+def _tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _weights(out_dir):
+    return load_file(str(out_dir / "model.safetensors"))
+
+
+def test_options_are_validated_naming_the_option():
+    assert recovery_options()["rank"] == 8 and RECIPE["target_modules"][-1] == "down_proj"
+    assert recovery_options({"target_modules": "q_proj, v_proj"})["target_modules"] == ["q_proj", "v_proj"]
+    for bad, name in [({"rank": 0}, "rank"), ({"schedule": "step"}, "schedule"), ({"loss_on": "x"}, "loss_on"),
+                      ({"micro_batch_size": 3}, "micro_batch_size"), ({"val_fraction": 1.0}, "val_fraction"),
+                      ({"max_steps": 0}, "max_steps"), ({"learning_rate": -1}, "learning_rate"),
+                      ({"full_finetune": "yes"}, "full_finetune"), ({"ranks": 4}, "ranks"),
+                      ({"target_modules": []}, "target_modules")]:
+        with pytest.raises(RecoveryError, match=name):
+            recovery_options(bad)
+
+
+def test_loss_goes_down_and_merged_model_loads_without_peft(model_dir, text_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    lines = []
+    record = recover(model_dir, text_file, out, options={**TINY, "max_steps": 12, "val_fraction": 0.2,
+                                                         "eval_every": 4, "schedule": "cosine"},
+                     log=lines.append)
+    rows = list(csv.DictReader(open(out / "curve.csv")))
+    assert len(rows) == 12 and [int(r["step"]) for r in rows] == list(range(1, 13))
+    losses = [float(r["loss"]) for r in rows]
+    assert losses[-1] < losses[0] - 0.3 and losses[-1] < min(losses[:6]), losses  # 12 windows, 4 epochs
+    assert [r["step"] for r in rows if r["val_loss"]] == ["4", "8", "12"]
+    assert (out / "curve.png").stat().st_size > 0
+    saved = json.loads((out / "recovery.json").read_text())
+    assert saved["data"]["n_train"] == 12 and saved["data"]["n_val"] == 3 and saved["steps"]["total"] == 12
+    assert saved["options"]["rank"] == 8 and saved["options"]["dtype"] == "float32"
+    assert saved["provenance"]["inputs"]["model_fingerprint"] == record["model"]["fingerprint"]
+    assert saved["peak_rss_mib"] > 0 and any("left" in line for line in lines)
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert not any("lora" in name for name in _weights(out))
+
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    ids = _tokenizer(model_dir)(SAMPLE_TEXT[:120], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected, got = peft_model(ids).logits, merged(ids).logits
+        untrained = AutoModelForCausalLM.from_pretrained(model_dir)(ids).logits
+    assert (expected - got).abs().max() < 1e-5
+    assert (untrained - got).abs().max() > 1e-2  # the adapter did something
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(model_dir, text_file, tmp_path):
+    options = {**TINY, "max_steps": 6, "save_every": 3, "dropout": 0.05}  # dropout: the RNG state matters
+    whole = tmp_path / "whole"
+    recover(model_dir, text_file, whole, options=options, log=None)
+
+    state, out, lines = tmp_path / "state", tmp_path / "resumed", []
+    with pytest.raises(RecoveryInterrupted):
+        recover(model_dir, text_file, out, options=options, state_dir=state, log=lines.append, stop_after_steps=4)
+    assert not out.exists() and [p.name for p in state.iterdir()] == ["step-00000003"]
+    assert all(p.suffix in (".safetensors", ".json") for p in (state / "step-00000003").iterdir())  # no pickle
+
+    other = tmp_path / "other-state"
+    shutil.copytree(state, other)  # a state made with other options is thrown away
+    with pytest.raises(RecoveryInterrupted):
+        recover(model_dir, text_file, tmp_path / "x", options={**options, "seed": 1}, state_dir=other,
+                log=lines.append, stop_after_steps=1)
+    assert any("discarding" in line for line in lines)
+
+    record = recover(model_dir, text_file, out, options=options, state_dir=state, log=lines.append)
+    assert record["steps"]["resumed_from"] == 3 and any("resuming at step 3" in line for line in lines)
+    assert not state.exists()
+    a, b = _weights(whole), _weights(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    rows_a = list(csv.DictReader(open(whole / "curve.csv")))
+    rows_b = list(csv.DictReader(open(out / "curve.csv")))
+    assert rows_a == rows_b
+
+
+def test_micro_batching_does_not_change_the_step(model_dir, text_file, tmp_path):
+    base = _weights_of(model_dir)
+    results = []
+    for micro in (2, 1):
+        out = tmp_path / f"micro{micro}"
+        recover(model_dir, text_file, out, options={**TINY, "max_steps": 1, "micro_batch_size": micro}, log=None)
+        results.append(_weights(out))
+    moved = 0.0
+    for name in results[0]:
+        # Adam's first step is about lr * sign(gradient), so rounding noise in near-zero gradients
+        # shows up at ~1e-6 while the step itself moves weights by ~1e-2
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=0, atol=2e-5)
+        moved = max(moved, float((results[0][name] - base[name]).abs().max()))
+    assert moved > 1e-3  # one step moved the merged weights
+
+
+def _weights_of(model_dir):
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_full_finetune_and_alpaca_data(model_dir, tmp_path):
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    out = tmp_path / "out"
+    record = recover(model_dir, path, out, options={**TINY, "cutoff_len": 200, "max_steps": 2,
+                                                    "full_finetune": True}, log=None)
+    assert record["method"] == "full_finetune" and not (out / "adapter").exists()
+    assert record["data"]["template"] == "alpaca" and record["data"]["n_records"] == 4
+    assert record["trainable_parameters"] == sum(t.numel() for t in _weights_of(model_dir).values())
+
+
+def test_response_only_masking(model_dir, tmp_path):
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(RECORDS))
+    tokenizer = _tokenizer(model_dir)
+    data = load_recovery_data(path, tokenizer, {"cutoff_len": 256, "batch_size": 4, "val_fraction": 0.0})
+    assert len(data.train) == 4 and data.info["template"] == "alpaca"
+    for record, (ids, labels) in zip(RECORDS, data.train):
+        n_prompt = next(i for i, label in enumerate(labels) if label != -100)
+        assert tokenizer.decode(ids[:n_prompt]) == alpaca_prompt(record)
+        assert all(label == -100 for label in labels[:n_prompt])
+        assert labels[n_prompt:] == ids[n_prompt:]
+        assert tokenizer.decode(labels[n_prompt:]) == record["output"] + tokenizer.eos_token
+    assert "### Input:\nit was the worst\n\n### Response:\n" in alpaca_prompt(RECORDS[1])
+    assert "### Input:" not in alpaca_prompt(RECORDS[0]) and "### Input:" not in alpaca_prompt(RECORDS[2])
+
+    everything = load_recovery_data(path, tokenizer, {"cutoff_len": 256, "batch_size": 4, "val_fraction": 0.0,
+                                                      "loss_on": "all"})
+    assert all(labels == ids for ids, labels in everything.train)
+    # 130 tokens: the no-input prompts fit and their responses are cut; the prompts with input fill
+    # the window, leaving nothing to learn, and are dropped
+    short = load_recovery_data(path, tokenizer, {"cutoff_len": 130, "batch_size": 1, "micro_batch_size": 1,
+                                                 "val_fraction": 0.0})
+    assert max(len(ids) for ids, _ in short.train) == 130 and short.info["truncated"] >= 1
+    prompts = [len(tokenizer(alpaca_prompt(r))["input_ids"]) for r in RECORDS]
+    assert short.info["dropped_no_target"] == sum(n >= 129 for n in prompts) >= 1
+    assert len(short.train) == 4 - short.info["dropped_no_target"] >= 1
+
+    text = load_recovery_data({"text": SAMPLE_TEXT}, tokenizer, {"cutoff_len": 32, "batch_size": 4,
+                                                                 "val_fraction": 0.2})
+    assert (len(text.train), len(text.val)) == (12, 3)
+    assert all(len(ids) == 32 and labels == ids for ids, labels in text.train + text.val)
+
+
+@pytest.mark.parametrize("content, message", [
+    ([{"output": "x"}], r"record 0 \(0-based\): missing field 'instruction'"),
+    ([{"instruction": "a", "output": "b"}, {"instruction": "a"}], r"record 1 \(0-based\): missing field 'output'"),
+    ([{"instruction": "a", "output": "b"}, ["a", "b"]], r"record 1 \(0-based\): expected an object"),
+    ([{"instruction": "a", "output": 3}], r"record 0 \(0-based\): field 'output' must be a string"),
+    ([], "no records"),
+    ("", "empty"),
+    ([{"instruction": "a", "output": "b"}] * 3, "fewer than one batch"),
+])
+def test_bad_data_is_refused_before_any_model_is_loaded(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    options = {"batch_size": 4, "micro_batch_size": 2, "val_fraction": 0.0}
+    with pytest.raises(RecoveryDataError, match=message) as err:
+        recover(tmp_path / "no-such-model", path, tmp_path / "out", options=options, log=None)
+    assert str(path) in str(err.value)
+    with pytest.raises(RecoveryDataError, match=message):
+        check_recovery_data(path, "alpaca", options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_text_and_jsonl_files_are_refused(tmp_path):
+    for name, content in [("empty.txt", "  \n"), ("empty.jsonl", ""), ("blank.jsonl", "\n\n")]:
+        path = tmp_path / name
+        path.write_text(content)
+        with pytest.raises(RecoveryDataError, match=str(path)):
+            recover(tmp_path / "no-such-model", path, tmp_path / "out", log=None)

@@ -64,7 +64,10 @@ onerror:
     # the failed jobs' own error lines (the field or file and the fix) on the console (flattengpt/failures.py)
     from flattengpt.failures import explain_failures
 
-    explain_failures(log)
+    try:
+        explain_failures(log)
+    except Exception as err:  # never hide Snakemake's own report behind a failure of this summary
+        print(f"(could not summarise the failed jobs' logs: {err})", file=sys.stderr)
 
 
 onstart:

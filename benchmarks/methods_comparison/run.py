@@ -12,7 +12,7 @@ A unit is what the workflow writes about one evaluated model for one measurement
     zs   the zero-shot tasks of the config.
 
 Units run in priority order: (1) the first calibration (seed 0), every target and method, ppl
-(the dense model first); (2) the second calibration (seed 1), ppl; (3) seed 0, zs, dense first.
+(the dense model first); (2) every other calibration (here seed 1), ppl; (3) the first, zs, dense first.
 Within a phase the targets go in config order, the methods in config order with the lower-priority
 ones (LOW_PRIORITY) last.
 
@@ -60,8 +60,17 @@ ROOT = HERE.parents[1]
 CONFIG = HERE / "config.yaml"
 RUNS = HERE / "runs"
 WORK = Path("results/methods_comparison")  # logs and derived configs, relative to ROOT
+
+
+def use_config(path: Path) -> None:
+    """Drive another benchmark's config (e.g. benchmarks/flattengpt_levers/...): its units are collected in
+    runs/ beside that config, its logs and derived configs go to results/<that folder's name>/."""
+    global RUNS, WORK
+    path = Path(path).resolve()
+    if path != CONFIG.resolve():
+        RUNS, WORK = path.parent / "runs", Path("results") / path.parent.name
 LOW_PRIORITY = ("laco-code", "slm-code")  # run last within every phase
-PHASES = {1: "seed 0 perplexity", 2: "seed 1 perplexity", 3: "seed 0 zero-shot"}
+PHASES = {1: "first calibration perplexity", 2: "other calibrations perplexity", 3: "first calibration zero-shot"}
 
 
 # ----------------------------------------------------------------------------- the units
@@ -150,8 +159,8 @@ def all_units(config: dict, methods: list[str] | None = None) -> list[Unit]:
     if corpora:
         if want("dense"):
             units.append(ppl(1, None, None, "dense"))
-        for phase, calib in zip((1, 2), calibs[:2]):
-            units += [ppl(phase, calib, t, m) for m in names if want(m) for t in targets]
+        for index, calib in enumerate(calibs):  # phase 1: the first calibration; 2: every other one
+            units += [ppl(1 if index == 0 else 2, calib, t, m) for m in names if want(m) for t in targets]
     if tasks and calibs:
         if want("dense"):
             units.append(zs(None, None, "dense"))
@@ -468,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep compressed checkpoints in results/ after their units are collected")
     args = parser.parse_args(argv)
 
+    use_config(args.config)
     config = load_config(args.config)
     known = set(config["methods"]) | {"dense"}
     if args.methods and set(args.methods) - known:

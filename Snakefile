@@ -41,6 +41,7 @@ include: "workflow/rules/activations.smk"
 include: "workflow/rules/similarity.smk"
 include: "workflow/rules/plan.smk"
 include: "workflow/rules/compress.smk"
+include: "workflow/rules/recover.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

@@ -219,3 +219,17 @@ def test_empty_text_and_jsonl_files_are_refused(tmp_path):
         path.write_text(content)
         with pytest.raises(RecoveryDataError, match=str(path)):
             recover(tmp_path / "no-such-model", path, tmp_path / "out", log=None)
+
+
+def test_the_schema_defaults_of_a_recovery_setting_are_the_recipe():
+    import yaml
+
+    from flattengpt.config import RECOVERY_KEYS
+    from flattengpt.recover import RECIPE
+
+    from .models_for_tests import REPO
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    properties = schema["definitions"]["recovery"]["properties"]
+    defaults = {k: v["default"] for k, v in properties.items() if k not in RECOVERY_KEYS}
+    assert defaults == RECIPE

@@ -244,9 +244,20 @@ def test_every_baseline_runs_through_the_plan_and_search_rules(tmp_path):
     config["methods"]["laco-code"] = {"method": "laco", "rule": "code", "merge_layers": 2, "interval": 1}
     config["evaluation"] = {"dense": False, "perplexity": {"corpora": {}}, "speed": {"enabled": False},
                             "generation": {"prompts": ["Once upon a time"], "max_new_tokens": 2}}
+    # a short LoRA recovery of one method's output, evaluated as one more model
+    config["recovery"] = {"heal": {"data": {"source": "embedded", "name": "shakespeare-calibration"},
+                                   "methods": ["shortgpt"], "max_steps": 2, "batch_size": 4, "micro_batch_size": 2,
+                                   "cutoff_len": 32, "save_every": 1, "eval_every": 0, "log_every": 1}}
     write_config(tmp_path, config)
     snakemake(tmp_path)
     root = tmp_path / "results" / "tiny" / "plays" / "k2"
+    recovered = root / "shortgpt+heal" / "model"
+    assert_loadable(recovered, 4)
+    recovery = json.loads((recovered / "recovery.json").read_text())
+    assert recovery["steps"]["total"] == 2 and recovery["provenance"]["rule"] == "recover"
+    assert (recovered / "adapter").is_dir() and (recovered / "curve.csv").is_file()
+    assert (root / "shortgpt+heal" / "eval" / "generations.json").is_file()
+    assert not (root / ".resume" / "recover.shortgpt+heal").exists(), "the resume state goes with success"
     ops = {"sleb": {"keep"}, "shortgpt": {"keep"}, "laco-code": {"keep", "merge"}, "replaceme": {"keep", "patch"},
            "flattengpt-trial": {"keep", "flatten"}}
     for name, allowed in ops.items():
@@ -263,7 +274,7 @@ def test_every_baseline_runs_through_the_plan_and_search_rules(tmp_path):
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "results" / "report" / "results.csv")
-    assert sorted(table.method) == sorted(ops)
+    assert sorted(table.method) == sorted([*ops, "shortgpt+heal"])
     assert (table.set_index("method").loc[["sleb", "laco-code"], "choice_block_forwards"] > 0).all()
     assert list((tmp_path / "results" / "report" / "plans").glob("*.png"))
     assert_lambda_picks(tmp_path, "replaceme", {"map"})

@@ -332,12 +332,45 @@ def check_config(config: dict) -> None:
     for name, spec in config.get("targets", {}).items():
         _check_target(name, spec, layer_counts.get(name, {}), errors)
     _check_methods(config, layer_counts, errors)
+    _check_recovery(config, errors)
     _check_evaluation(config, errors)
     if errors:
         raise ConfigError(errors)
 
 
 FLATTENING_METHODS = ("flattengpt", "drop", "flatten-only")
+RECOVERY_KEYS = ("data", "methods")  # the rest of a recovery: entry is recover.RECIPE's options
+
+
+def _check_recovery(config: dict, errors: list[str]) -> None:
+    """Every recovery setting: its options, its data (read and counted, no tokenizer) and the methods it names."""
+    from .recover import RecoveryError, check_recovery_data, recovery_options
+
+    for name, spec in (config.get("recovery") or {}).items():
+        where = f"recovery.{name}"
+        try:
+            options = recovery_options({k: v for k, v in spec.items() if k not in RECOVERY_KEYS})
+        except RecoveryError as err:
+            errors.append(f"{where}: {err}")
+            continue
+        unknown = sorted(set(spec.get("methods") or []) - set(config.get("methods", {})))
+        if unknown:
+            errors.append(f"{where}.methods: {unknown} are not defined under methods; defined: "
+                          f"{sorted(config.get('methods', {}))}")
+        data = spec["data"]
+        if data["source"] == "embedded":
+            if data.get("name") not in _embedded_corpora():
+                errors.append(f"{where}.data.name: {data.get('name')!r} is not an embedded corpus; use one of "
+                              f"{list(_embedded_corpora())}")
+        elif not data.get("path"):
+            errors.append(f"{where}.data.path: missing; give an Alpaca .json/.jsonl file or a text file")
+        elif not Path(data["path"]).expanduser().is_file():
+            errors.append(f"{where}.data.path: {data['path']} does not exist")
+        else:
+            try:
+                check_recovery_data(data["path"], data.get("kind", "auto"), options)
+            except RecoveryError as err:
+                errors.append(f"{where}.data: {err}")
 
 
 def _check_methods(config: dict, layer_counts: dict[str, dict[str, int]], errors: list[str]) -> None:

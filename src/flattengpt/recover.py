@@ -533,12 +533,13 @@ def _fmt_seconds(seconds: float) -> str:
 
 def recover(model_dir, data, out_dir, *, options: dict | None = None, state_dir=None, device: str = "cpu",
             dtype: str = "auto", log: Callable[[str], None] | None = print,
-            stop_after_steps: int | None = None) -> dict:
+            stop_after_steps: int | None = None, job_provenance: dict | None = None) -> dict:
     """Recovery-tune the checkpoint in `model_dir` on `data`; write the merged model to `out_dir`.
 
     `data`: see `load_recovery_data`. `dtype` auto: bfloat16 on CUDA (with gradient checkpointing),
     float32 elsewhere. `state_dir`: where resume saves go (None: no resume). `stop_after_steps` is a
-    test hook: raise RecoveryInterrupted once that many steps are done (after any save). Returns the
+    test hook: raise RecoveryInterrupted once that many steps are done (after any save).
+    `job_provenance`: the workflow job's provenance record, used instead of a bare one. Returns the
     content of out_dir/recovery.json.
     """
     started = time.perf_counter()
@@ -690,10 +691,11 @@ def recover(model_dir, data, out_dir, *, options: dict | None = None, state_dir=
             "peak_rss_mib": round(peak_rss_mib(), 1),
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
             "model": {"path": str(model_dir), "fingerprint": fingerprint},
-            "provenance": provenance(params=record_options,
-                                     inputs={"model_fingerprint": fingerprint,
-                                             "data_sha256": dataset.info["sha256"],
-                                             "examples_sha256": dataset.info["examples_sha256"]}),
+            # a workflow job's record (rule, params, wildcards) when there is one, with the data's hashes
+            "provenance": {**(job_provenance or provenance(params=record_options)),
+                           "inputs": {**(job_provenance or {}).get("inputs", {}), "model_fingerprint": fingerprint,
+                                      "data_sha256": dataset.info["sha256"],
+                                      "examples_sha256": dataset.info["examples_sha256"]}},
         }
         write_json(tmp / "recovery.json", record)
     if state_dir is not None:

@@ -98,9 +98,12 @@ DISK_BYTES_PER_S = 300e6
 HOST_DEVICE_BYTES_PER_S = 5e9
 RUNTIME_SAFETY = 2.0
 RUNTIME_FLOOR = {"activations": 120, "search": 240, "compress": 240, "perplexity": 120, "zero_shot": 240, "speed": 60,
-                 "generate": 30, "similarity": 30}
+                 "generate": 30, "similarity": 30, "recover": 120}
 STAGES = ("activations", "similarity", "search", "compress", "perplexity", "zero_shot", "speed", "generate")
-GPU_STAGES = ("activations", "search", "compress", "perplexity", "zero_shot", "speed", "generate")
+# recover sizes a recovery (LoRA) job; not in the README's table of the default pipeline
+SIZED_STAGES = STAGES + ("recover",)
+GPU_STAGES = ("activations", "search", "compress", "perplexity", "zero_shot", "speed", "generate", "recover")
+ASSUMED_RECOVERY_EXAMPLES = 50_000  # epochs x examples when max_steps is unset: the paper's cleaned Alpaca
 WHOLE_MODEL_STAGES = ("zero_shot", "speed", "generate")
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -279,6 +282,7 @@ class Settings:
     device_map: str | None = None  # evaluation.device_map: whole-model stages spread over the job's GPUs
     lambda_factor: float | str = 10.0  # or "auto"
     plan_criterion: str = "cosine"  # methods.<name>.plan_criterion of flattengpt: trial_error searches
+    recovery: dict | None = None  # a recovery: entry (stage recover)
     solve_device: str = "auto"  # methods.<name>.solve_device: auto (where the Gram sums are) or host
     remove_blocks: int | None = None  # k; None: unknown (then no blocks are counted as removed)
     group_size: int = 2  # m, blocks per flattened group
@@ -428,8 +432,8 @@ def _finish(stage: str, settings: Settings, device: int, host: int, disk: int, m
 
 def stage_need(stage: str, shapes: Shapes, settings: Settings, attempt: int = 1) -> Need:
     """GPU memory, host memory, disk, GPUs and runtime of one job of `stage` (formulas: module docstring)."""
-    if stage not in STAGES:
-        raise SizingError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+    if stage not in SIZED_STAGES:
+        raise SizingError(f"stage {stage!r} is not one of {', '.join(SIZED_STAGES)}")
     n, T, b = settings.n_samples, settings.seq_len, settings.batch_size
     c, s, w = DTYPE_BYTES[settings.dtype], DTYPE_BYTES[settings.store_dtype], DTYPE_BYTES[shapes.weight_dtype]
     H, L, V = shapes.hidden, shapes.num_layers, shapes.vocab
@@ -487,6 +491,27 @@ def stage_need(stage: str, shapes: Shapes, settings: Settings, attempt: int = 1)
             notes.append(f"search ({settings.method}): about {minutes / 1440:.0f} days at {ns} x {Ts} tokens; "
                          "lower the method's samples")
         return _finish(stage, settings, device, host, host, minutes, False, notes)
+
+    if stage == "recover":  # LoRA (or full) fine-tuning of the compressed model, whole on one device
+        r = settings.recovery or {}
+        micro, cutoff = r.get("micro_batch_size", 4), r.get("cutoff_len", 256)
+        params = shapes.total_params - k * shapes.block_params
+        layers = L - k
+        full = bool(r.get("full_finetune"))
+        per_layer = (r.get("rank", 8) * (7 * H + 2 * shapes.q_width + 2 * shapes.kv_width + 3 * shapes.intermediate))
+        trainable = params if full else per_layer * layers
+        tokens = micro * cutoff
+        # weights; fp32 grads + Adam moments of the trainable ones; activations kept for backward (all layers on
+        # the CPU, one layer's plus every layer's input with gradient checkpointing on a GPU); logits and grads
+        saved = layers * tokens * (16 * H + 6 * shapes.intermediate) * c if cpu else layers * tokens * H * c \
+            + block_working_bytes(shapes, tokens, cutoff, c)
+        device = params * c + trainable * 12 + saved + 2 * tokens * V * 4
+        steps = r.get("max_steps") or math.ceil(r.get("epochs", 2) * ASSUMED_RECOVERY_EXAMPLES
+                                                / r.get("batch_size", 64))
+        flops = (6 if full else 4) * params * steps * r.get("batch_size", 64) * cutoff
+        minutes = _minutes(stage, settings, flops, 2 * params * w, attempt)
+        disk = params * w + trainable * 12  # the merged checkpoint; the resume state (weights, moments)
+        return _finish(stage, settings, device, params * w + 2**30, disk, minutes, False, notes)
 
     if stage == "compress":
         m = settings.group_size

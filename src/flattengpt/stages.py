@@ -191,6 +191,32 @@ def compress_stage(model_json: str | Path, tokens: str | Path | None, plan_json:
     return record
 
 
+def recover_stage(model_json: str | Path, model_dir: str | Path, settings: dict, compute: dict,
+                  state_dir: str | Path, out_dir: str | Path, provenance: dict) -> dict:
+    """Recovery-tune a compressed checkpoint (flattengpt.recover); its compression.json is carried over."""
+    import shutil
+
+    from .config import RECOVERY_KEYS
+    from .data import load_text
+    from .recover import recover
+
+    data = settings["data"]
+    if data["source"] == "embedded":  # the text itself; a local file is read (and hashed) by recover
+        text, info = load_text({"source": "embedded", "name": data["name"]})
+        spec = {"text": text}
+    else:
+        spec, info = {"path": data["path"], "kind": data.get("kind", "auto")}, {"source": "local"}
+    options = {k: v for k, v in settings.items() if k not in RECOVERY_KEYS}
+    model = read_json(model_json)
+    inputs = {"model_fingerprint": model["fingerprint"],
+              "compression_json_sha256": file_sha256(Path(model_dir) / "compression.json"), "data": info}
+    record = recover(model_dir, spec, out_dir, options=options, state_dir=state_dir, device=compute["device"],
+                     dtype="auto", log=log.info, job_provenance={**provenance, "inputs": inputs})
+    # evaluation and the report read the architecture's record beside the weights, as for any compressed model
+    shutil.copyfile(Path(model_dir) / "compression.json", Path(out_dir) / "compression.json")
+    return record
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 def _evaluated(model_json: str | Path, model_dir: str | Path | None) -> tuple[str, dict]:

@@ -38,6 +38,8 @@ def all_outputs():
         wc = dict(model=run["model"], calib=run["calibration"], target=run["target"])
         outputs += expand("results/{model}/{calib}/{target}/{method}/plan.json", method=config["methods"], **wc)
         outputs += expand("results/{model}/{calib}/{target}/{method}/model", method=config["methods"], **wc)
+        outputs += [f"results/{model}/{variant}/model" for model, variant in recovered_variants()
+                    if model == run["model"] and variant.startswith(f"{run['calibration']}/{run['target']}/")]
         outputs += expand("results/{model}/{calib}/similarity/{file}", file=SIMILARITY_FILES, **wc)
     return outputs + report_outputs()
 
@@ -48,10 +50,39 @@ def compressed_variants():
             for run in runs(config) for method in config["methods"]]
 
 
+def recovered_variants():
+    """(model, "calib/target/method+recovery") of every recovery-tuned checkpoint (recovery: settings)."""
+    return [(run["model"], f"{run['calibration']}/{run['target']}/{method}+{name}")
+            for name, spec in config["recovery"].items() for run in runs(config)
+            for method in (spec.get("methods") or config["methods"])]
+
+
 def evaluated_variants():
-    """Every evaluated model: the dense ones (if evaluation.dense) and every compressed one."""
+    """Every evaluated model: the dense ones (if evaluation.dense), every compressed and every recovered one."""
     dense = [(m, "dense") for m in dict.fromkeys(run["model"] for run in runs(config))]
-    return (dense if config["evaluation"]["dense"] else []) + compressed_variants()
+    return (dense if config["evaluation"]["dense"] else []) + compressed_variants() + recovered_variants()
+
+
+def recovery_names_regex():
+    import re
+
+    return "|".join(re.escape(name) for name in config["recovery"]) or "(?!)"
+
+
+def recover_inputs(wildcards):
+    """The compressed checkpoint, its plan (for sizing) and a local data file, so that a new file reruns it."""
+    base = f"results/{wildcards.model}/{wildcards.calib}/{wildcards.target}/{wildcards.method}"
+    inputs = {"model": f"results/{wildcards.model}/model.json", "checkpoint": f"{base}/model",
+              "plan": f"{base}/plan.json"}
+    data = config["recovery"][wildcards.recovery]["data"]
+    if data["source"] == "local":
+        inputs["data"] = data["path"]
+    return inputs
+
+
+def recovery_params(wildcards):
+    """A recovery setting without its `methods` list (which says where it applies, not how)."""
+    return {k: v for k, v in config["recovery"][wildcards.recovery].items() if k != "methods"}
 
 
 def evaluation_outputs(model, variant):
@@ -225,7 +256,12 @@ def _settings(stage, wildcards, input, shapes):
     calib = config["calibration"][wildcards.calib] if "calib" in wildcards.keys() else None
     method = config["methods"][wildcards.method] if "method" in wildcards.keys() else None
     k, m = _removed_and_group_size(wildcards, input, shapes)
-    return Settings.from_config(config, calibration=calib, method=method, remove_blocks=k, group_size=m)
+    settings = Settings.from_config(config, calibration=calib, method=method, remove_blocks=k, group_size=m)
+    if "recovery" in wildcards.keys():
+        from dataclasses import replace
+
+        settings = replace(settings, recovery=config["recovery"][wildcards.recovery])
+    return settings
 
 
 _needs = {}
@@ -333,7 +369,7 @@ def method_names_regex(chooses_with):
     from flattengpt.methods import method_class
 
     names = [name for name, spec in config["methods"].items()
-             if method_class(spec["method"]).choice_source(spec) == chooses_with]
+             if chooses_with == "any" or method_class(spec["method"]).choice_source(spec) == chooses_with]
     return "|".join(re.escape(name) for name in names) or "(?!)"  # (?!) matches nothing
 
 
@@ -383,12 +419,14 @@ def report_entries():
         base = f"results/{model}/{variant}"
         dense = variant == "dense"
         calib, target, method = (None, None, "dense") if dense else variant.split("/")
+        source = method.split("+")[0]  # a recovered model's plan is its source method's
         entries.append({
             "model": model, "calibration": calib, "target": target, "method": method,
             "model_json": f"results/{model}/model.json",
             "model_dir": None if dense else f"{base}/model",
             "compression_json": None if dense else f"{base}/model/compression.json",
-            "plan_json": None if dense else f"results/{model}/{calib}/{target}/{method}/plan.json",
+            "plan_json": None if dense else f"results/{model}/{calib}/{target}/{source}/plan.json",
+            "recovery_json": f"{base}/model/recovery.json" if "+" in method else None,
             "perplexity": {c: f"{base}/eval/perplexity/{c}.json" for c in evaluation["perplexity"]["corpora"]},
             "zero_shot": {t: f"{base}/eval/zero_shot/{t}.json" for t in evaluation["zero_shot"]["tasks"]},
             "speed": f"{base}/eval/speed.json" if evaluation["speed"]["enabled"] and not dense else None,

@@ -4,6 +4,8 @@ rule compress:
         unpack(compress_inputs),
     output:
         directory("results/{model}/{calib}/{target}/{method}/model"),
+    wildcard_constraints:
+        method=method_names_regex("any"),  # not a recovered model's {method}+{recovery}
     params:
         method=method_params,
         compute=compute_params,

@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -428,25 +427,17 @@ def _set_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 def save_state(state_dir: Path, key: str, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
                curve: list[dict], extra: dict) -> Path:
-    """Write state_dir/step-NNNNNNNN atomically (temp folder, then os.replace); drop older saves."""
+    """Write state_dir/step-NNNNNNNN atomically (provenance.atomic_dir); drop older saves."""
     from safetensors.torch import save_file
 
-    state_dir.mkdir(parents=True, exist_ok=True)
     final = state_dir / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".step.", suffix=".tmp", dir=state_dir))
-    try:
+    with atomic_dir(final) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         opt_tensors, opt_meta = _optimizer_to_files(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
         write_json(tmp / "state.json", {"key": key, "step": step, "optimizer": opt_meta,
                                         "scheduler": scheduler.state_dict(), "curve": curve, **extra})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for old in _state_dirs(state_dir):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

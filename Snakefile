@@ -30,8 +30,9 @@ except ConfigError as err:
 if workflow.is_main_process:
     from flattengpt.config import device_warning
 
-    if device_warning(config):  # an error on the node that runs the job (blockwise.resolve_device)
-        print(f"Warning: {device_warning(config)}", file=sys.stderr)
+    warning = device_warning(config)  # an error on the node that runs the job (blockwise.resolve_device)
+    if warning:
+        print(f"Warning: {warning}", file=sys.stderr)
 
 
 include: "workflow/rules/common.smk"

@@ -8,7 +8,7 @@ import yaml
 from flattengpt.adapters import SUPPORTED, UnsupportedArchitectureError, check_supported, get_adapter
 from flattengpt.config import ConfigError, check_config, max_removable, runs, validate_config
 
-from .models_for_tests import REPO, make_model, tiny_config
+from .models_for_tests import REPO, make_model_with_tokenizer, tiny_config
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -76,7 +76,7 @@ def test_schema_errors_name_the_field(bad, message):
 
 
 def test_semantic_errors_name_field_and_fix(tmp_path):
-    model = make_model(tmp_path, "llama")  # 4 blocks
+    model = make_model_with_tokenizer(tmp_path, "llama")  # 4 blocks
     config = {
         "models": {"small": {"source": "local", "path": str(model)},
                    "gone": {"source": "local", "path": str(tmp_path / "missing")},
@@ -92,7 +92,7 @@ def test_semantic_errors_name_field_and_fix(tmp_path):
         check_config(config)
     errors = info.value.errors
     text = str(info.value)
-    assert "models.gone.path" in text and "no config.json" in text
+    assert "models.gone.path" in text and "does not exist" in text
     assert "models.mystery.name" in text and "smollm2-135m-instruct" in text
     assert "calibration.c.path" in text and "calibration.h.name" in text
     assert "targets.big.remove_blocks: 4 blocks cannot be removed from model 'small' (4 blocks; at most 3" in text

@@ -152,3 +152,59 @@ def test_cuda_without_a_visible_gpu_warns_at_submission_and_fails_on_the_node_na
     assert device_warning({"compute": {"device": "auto"}}) is None
     with pytest.raises(ValueError, match=r"compute.device 'cuda:1': no CUDA device is visible"):
         resolve_device("cuda:1")
+
+
+# ----------------------------------------------------------------------------- model directories
+
+
+def _no_weights(model):
+    (model / "model.safetensors").unlink()
+
+
+def _bin_only(model):
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+
+
+def _cut_in_half(model):
+    weights = model / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+
+
+def _no_tokenizer(model):
+    (model / "tokenizer.json").unlink()
+
+
+def _missing_shard(model):
+    (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+
+
+MODEL_DIR_CASES = {
+    "no weights": (_no_weights, "has no safetensors weights"),
+    "only pytorch_model.bin": (_bin_only, "(found pytorch_model.bin)"),
+    "shard cut in half": (_cut_in_half, "model.safetensors is"),
+    "no tokenizer": (_no_tokenizer, "has no tokenizer"),
+    "a shard of the index missing": (_missing_shard, "1 of the 2 weight shards"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_DIR_CASES))
+def test_a_broken_local_model_directory_is_refused_at_config_time_naming_the_field(tmp_path, case):
+    from .models_for_tests import make_model_with_tokenizer
+
+    model = make_model_with_tokenizer(tmp_path, "llama")
+    damage, expected = MODEL_DIR_CASES[case]
+    damage(model)
+    message = refused(config_with(model={"source": "local", "path": str(model)}))
+    assert f"models.m.path: {model}" in message and expected in message
+
+
+def test_a_local_model_whose_config_json_does_not_parse_is_refused_naming_it(tmp_path):
+    from .models_for_tests import make_model_with_tokenizer
+
+    model = make_model_with_tokenizer(tmp_path, "llama")
+    (model / "config.json").write_text('{"model_type": "llama",')
+    message = refused(config_with(model={"source": "local", "path": str(model)}))
+    assert f"models.m.path: {model / 'config.json'} is not valid JSON" in message

@@ -32,6 +32,70 @@ def _read_header(path: Path) -> dict:
         return json.loads(handle.read(length))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def safetensors_size_problem(file: Path) -> str | None:
+    """Whether a safetensors file is as long as its own header says (header length + the end of its
+    last tensor's data): a truncated copy or download is found by reading the header alone."""
+    size = file.stat().st_size
+    expected = None
+    try:
+        if size >= 8:
+            with open(file, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                if 8 + length <= size:
+                    header = json.loads(handle.read(length))
+                    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+                    expected = 8 + length + max(ends, default=0)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+        return f"{file} does not start with a safetensors header: it is damaged; copy it again"
+    if expected is None or size < expected:
+        return (f"{file} is {size} bytes{'' if expected is None else f', its header says {expected}'}: the file is "
+                "truncated (an interrupted copy or download); copy it again")
+    return None
+
+
+def model_dir_problems(path: str | Path) -> list[str]:
+    """What keeps `path` from being read as a model directory, found without reading any weights:
+    config.json, safetensors weights (every shard an index names, each at least a header long), a tokenizer."""
+    path = Path(path)
+    if not path.is_dir():
+        return [f"{path} does not exist or is not a directory"]
+    if not (path / "config.json").is_file():
+        return [f"{path} is not a Hugging Face model directory (no config.json); point it at the folder that "
+                "save_pretrained wrote"]
+    problems = []
+    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            return [f"{index} is not a safetensors index with a weight_map ({err})"]
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            problems.append(f"{path}: {len(missing)} of the {len(shards)} weight shards that "
+                            f"model.safetensors.index.json names are missing ({', '.join(missing[:3])}"
+                            f"{', ...' if len(missing) > 3 else ''}); copy the whole model directory")
+        files = [path / s for s in shards if (path / s).is_file()]
+    elif single.is_file():
+        files = [single]
+    else:
+        other = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf", ".h5"))
+        found = f" (found {', '.join(other[:3])})" if other else ""
+        return [f"{path} has no safetensors weights (model.safetensors or model.safetensors.index.json){found}; "
+                "only safetensors are read: convert with `AutoModelForCausalLM.from_pretrained(dir)"
+                ".save_pretrained(new_dir, safe_serialization=True)`"]
+    for file in files:
+        problem = safetensors_size_problem(file)
+        if problem:
+            problems.append(problem)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        problems.append(f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); save the tokenizer beside the "
+                        "weights (`AutoTokenizer.from_pretrained(...).save_pretrained(dir)`)")
+    return problems
+
+
 class Checkpoint:
     """A model directory with config.json and model.safetensors or a sharded index."""
 

@@ -104,7 +104,12 @@ def model_config_json(spec: dict) -> dict | None:
     source = spec.get("source")
     if source == "local":
         path = Path(spec["path"]) / "config.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); restore the model's config.json") from err
     if source == "embedded":
         entry = _embedded_models().get(spec.get("name"), {})
         return entry.get("config")
@@ -140,16 +145,22 @@ def _check_model(name: str, spec: dict, errors: list[str]) -> None:
         path = spec.get("path")
         if not path:
             errors.append(f"{where}.path: missing; set it to a Hugging Face model directory")
-        elif not (Path(path) / "config.json").is_file():
-            errors.append(f"{where}.path: {path} is not a Hugging Face model directory (no config.json); "
-                          "point it at the folder that save_pretrained wrote")
+        else:
+            from .checkpoint import model_dir_problems
+
+            errors.extend(f"{where}.path: {problem}" for problem in model_dir_problems(Path(path).expanduser()))
     elif source == "hub":
         if not spec.get("id"):
             errors.append(f"{where}.id: missing; set it to a hub id such as meta-llama/Llama-2-7b-hf")
     else:
         errors.append(f"{where}.source: {source!r} is not a model source; use embedded, local or hub")
         return
-    config = model_config_json(spec) if len(errors) == errors_before else None
+    # the architecture is checked whenever config.json can be read, beside any problem with the weights
+    try:
+        config = model_config_json(spec) if len(errors) == errors_before or source == "local" else None
+    except ValueError as err:
+        errors.append(f"{where}.path: {err}")
+        config = None
     if config is not None:
         try:
             check_supported(config)
@@ -326,7 +337,10 @@ def check_config(config: dict) -> None:
                 errors.append(f"runs: {key} {run[key]!r} is not defined under {section}; "
                               f"defined: {sorted(config.get(section, {}))}")
         spec = config.get("models", {}).get(run["model"])
-        model_config = model_config_json(spec) if spec else None
+        try:
+            model_config = model_config_json(spec) if spec else None
+        except ValueError:  # reported with the model
+            model_config = None
         if model_config and "num_hidden_layers" in model_config:
             layer_counts.setdefault(run["target"], {})[run["model"]] = model_config["num_hidden_layers"]
     for name, spec in config.get("targets", {}).items():

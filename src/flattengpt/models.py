@@ -159,6 +159,8 @@ def materialize_embedded(name: str, dest: Path, log: Callable[[str], None] = pri
                 "conversion": "GGUF dequantized to float32 by transformers' GGUF reader, saved as safetensors",
                 "reload_max_abs_logit_diff": diff,
                 "provenance": provenance(params={"name": name, "package": entry["package"]}),
+                # sizes of what was written, so that a damaged copy is found and restored (embedded_model_dir)
+                "files": {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()},
             }
             (out / EMBEDDED_MARKER).write_text(json.dumps(record, indent=2) + "\n")
     log(f"[{name}] saved to {dest}")
@@ -170,8 +172,27 @@ def embedded_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     _embedded_entry(name)
     path = Path(cache_dir or default_cache_dir()) / "models" / name
     if (path / "config.json").is_file() and (path / EMBEDDED_MARKER).is_file():
-        return path
+        damage = embedded_damage(path)
+        if not damage:
+            return path
+        print(f"[{name}] the converted copy in {path} is damaged ({'; '.join(damage)}): converting it again",
+              file=sys.stderr)
     return materialize_embedded(name, path)
+
+
+def embedded_damage(path: Path) -> list[str]:
+    """How a converted embedded model differs from what its conversion wrote (sizes), [] if whole."""
+    from .checkpoint import model_dir_problems
+
+    files = json.loads((path / EMBEDDED_MARKER).read_text()).get("files")
+    if files is None:  # converted by an older flattengpt: the structural checks only
+        return model_dir_problems(path)
+    problems = []
+    for file, size in files.items():
+        actual = (path / file).stat().st_size if (path / file).is_file() else None
+        if actual != size:
+            problems.append(f"{file} {'is missing' if actual is None else f'is {actual} bytes, not {size}'}")
+    return problems
 
 
 def embedded_note(path: str | Path) -> str | None:

@@ -1,6 +1,7 @@
 """Recovery tuning (recover.py) on a tiny random llama with a byte-level tokenizer."""
 
 import csv
+import re
 import json
 import shutil
 
@@ -233,3 +234,47 @@ def test_the_schema_defaults_of_a_recovery_setting_are_the_recipe():
     properties = schema["definitions"]["recovery"]["properties"]
     defaults = {k: v["default"] for k, v in properties.items() if k not in RECOVERY_KEYS}
     assert defaults == RECIPE
+
+
+def _workflow_config(**recovery):
+    return {"models": {"m": {}, "n": {}}, "calibration": {"c": {}}, "targets": {"t1": {}, "t2": {}},
+            "methods": {"a": {}, "b": {}}, "evaluation": {"dense": True},
+            "recovery": {"heal": {"data": {"source": "embedded", "name": "shakespeare-calibration"}, **recovery}}}
+
+
+def test_which_models_a_recovery_setting_tunes():
+    from flattengpt.recover import recovered_sources
+
+    every = [("heal", model, f"c/{target}/{method}") for model in "mn" for target in ("t1", "t2") for method in "ab"]
+    assert recovered_sources(_workflow_config()) == every  # methods and targets null: all of them
+    assert recovered_sources(_workflow_config(methods=["b"], targets=["t2"])) == [("heal", "m", "c/t2/b"),
+                                                                                   ("heal", "n", "c/t2/b")]
+    assert recovered_sources(_workflow_config(dense=True, methods=[])) == [("heal", "m", "dense"),
+                                                                           ("heal", "n", "dense")]
+    config = _workflow_config(dense=True, methods=["a"], targets=["t1"])
+    config["runs"] = [{"model": "n", "calibration": "c", "target": "t1"}, {"model": "n", "calibration": "c",
+                                                                          "target": "t2"}]
+    assert recovered_sources(config) == [("heal", "n", "dense"), ("heal", "n", "c/t1/a")]  # only the runs' models
+    assert recovered_sources({**config, "recovery": {}}) == []
+
+
+@pytest.mark.parametrize("recovery, evaluation_dense, message", [
+    ({"targets": ["t9"]}, True, r"recovery.heal.targets: \['t9'\] are not defined under targets"),
+    ({"methods": ["z"]}, True, r"recovery.heal.methods: \['z'\] are not defined under methods"),
+    ({"dense": True}, False, "recovery.heal.dense: true compares .* evaluation.dense: false"),
+    ({"methods": []}, True, "recovery.heal: recovers no model"),
+    ({"targets": [], "methods": ["a"]}, True, "recovery.heal: recovers no model"),
+    ({"rank": 0}, True, "recovery.heal: recovery option rank must be a positive integer"),
+])
+def test_recovery_settings_are_checked_at_config_time(recovery, evaluation_dense, message):
+    from flattengpt.config import _check_recovery
+
+    config = _workflow_config(**recovery)
+    config["evaluation"]["dense"] = evaluation_dense
+    errors = []
+    _check_recovery(config, errors)
+    assert len(errors) == 1 and re.search(message, errors[0]), errors
+    for fine in ({"dense": True, "methods": []}, {"methods": ["a"], "targets": ["t1"]}, {}):
+        errors = []
+        _check_recovery(_workflow_config(**fine), errors)
+        assert errors == [], fine

@@ -353,11 +353,13 @@ def check_config(config: dict) -> None:
 
 
 FLATTENING_METHODS = ("flattengpt", "drop", "flatten-only")
-RECOVERY_KEYS = ("data", "methods")  # the rest of a recovery: entry is recover.RECIPE's options
+RECOVERY_WHERE = ("methods", "targets", "dense")  # which models a recovery: entry applies to, not how
+RECOVERY_KEYS = ("data", *RECOVERY_WHERE)  # the rest of a recovery: entry is recover.RECIPE's options
 
 
 def _check_recovery(config: dict, errors: list[str]) -> None:
-    """Every recovery setting: its options, its data (read and counted, no tokenizer) and the methods it names."""
+    """Every recovery setting: its options, its data (read and counted, no tokenizer), the methods and
+    targets it names, and that it applies to at least one model."""
     from .recover import RecoveryError, check_recovery_data, recovery_options
 
     for name, spec in (config.get("recovery") or {}).items():
@@ -367,10 +369,17 @@ def _check_recovery(config: dict, errors: list[str]) -> None:
         except RecoveryError as err:
             errors.append(f"{where}: {err}")
             continue
-        unknown = sorted(set(spec.get("methods") or []) - set(config.get("methods", {})))
-        if unknown:
-            errors.append(f"{where}.methods: {unknown} are not defined under methods; defined: "
-                          f"{sorted(config.get('methods', {}))}")
+        for key in ("methods", "targets"):
+            unknown = sorted(set(spec.get(key) or []) - set(config.get(key, {})))
+            if unknown:
+                errors.append(f"{where}.{key}: {unknown} are not defined under {key}; defined: "
+                              f"{sorted(config.get(key, {}))}")
+        if spec.get("dense") and not config.get("evaluation", {}).get("dense", True):
+            errors.append(f"{where}.dense: true compares the recovered dense model with the dense one, which "
+                          "evaluation.dense: false leaves out; set evaluation.dense: true or dense: false")
+        if not spec.get("dense") and (spec.get("methods") == [] or spec.get("targets") == []):
+            errors.append(f"{where}: recovers no model (an empty methods or targets list and dense: false); "
+                          "name some methods and targets, or set dense: true")
         data = spec["data"]
         if data["source"] == "embedded":
             if data.get("name") not in _embedded_corpora():

@@ -170,6 +170,30 @@ def recovery_options(options: dict | None = None) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- which models a setting recovers
+
+
+def recovered_sources(config: dict) -> list[tuple[str, str, str]]:
+    """(recovery name, model, source variant) of every model the workflow config's recovery: settings tune.
+
+    The source variant is "calib/target/method" for a compressed model: every run (model, calibration,
+    target) whose target is in the setting's `targets` and every method in its `methods` (null: all of
+    them, [] none), or "dense" for the dense model of every run's model when the setting has `dense: true`.
+    The recovered model is "{source variant}+{name}"; method and recovery names hold no "+" (schema).
+    """
+    from .config import runs
+
+    found = []
+    for name, spec in (config.get("recovery") or {}).items():
+        methods = list(config.get("methods", {})) if spec.get("methods") is None else list(spec["methods"])
+        targets = spec.get("targets")
+        if spec.get("dense"):
+            found += [(name, model, "dense") for model in dict.fromkeys(run["model"] for run in runs(config))]
+        found += [(name, run["model"], f"{run['calibration']}/{run['target']}/{method}")
+                  for run in runs(config) if targets is None or run["target"] in targets for method in methods]
+    return found
+
+
 # ----------------------------------------------------------------------------- data
 
 

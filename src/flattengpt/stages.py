@@ -191,9 +191,13 @@ def compress_stage(model_json: str | Path, tokens: str | Path | None, plan_json:
     return record
 
 
-def recover_stage(model_json: str | Path, model_dir: str | Path, settings: dict, compute: dict,
+def recover_stage(model_json: str | Path, model_dir: str | Path | None, settings: dict, compute: dict,
                   state_dir: str | Path, out_dir: str | Path, provenance: dict) -> dict:
-    """Recovery-tune a compressed checkpoint (flattengpt.recover); its compression.json is carried over."""
+    """Recovery-tune a compressed checkpoint (flattengpt.recover); its compression.json is carried over.
+
+    `model_dir` None tunes the dense model (model.json's directory), for comparison; its output has
+    recovery.json but no compression.json.
+    """
     import shutil
 
     from .config import RECOVERY_KEYS
@@ -208,12 +212,18 @@ def recover_stage(model_json: str | Path, model_dir: str | Path, settings: dict,
         spec, info = {"path": data["path"], "kind": data.get("kind", "auto")}, {"source": "local"}
     options = {k: v for k, v in settings.items() if k not in RECOVERY_KEYS}
     model = read_json(model_json)
-    inputs = {"model_fingerprint": model["fingerprint"],
-              "compression_json_sha256": file_sha256(Path(model_dir) / "compression.json"), "data": info}
-    record = recover(model_dir, spec, out_dir, options=options, state_dir=state_dir, device=compute["device"],
+    inputs = {"model_fingerprint": model["fingerprint"], "data": info}
+    if model_dir is None:
+        source = model["path"]
+        inputs["source"] = "dense"
+    else:
+        source = model_dir
+        inputs["compression_json_sha256"] = file_sha256(Path(model_dir) / "compression.json")
+    record = recover(source, spec, out_dir, options=options, state_dir=state_dir, device=compute["device"],
                      dtype="auto", log=log.info, job_provenance={**provenance, "inputs": inputs})
-    # evaluation and the report read the architecture's record beside the weights, as for any compressed model
-    shutil.copyfile(Path(model_dir) / "compression.json", Path(out_dir) / "compression.json")
+    if model_dir is not None:
+        # evaluation and the report read the architecture's record beside the weights, as for any compressed model
+        shutil.copyfile(Path(model_dir) / "compression.json", Path(out_dir) / "compression.json")
     return record
 
 
@@ -224,6 +234,10 @@ def _evaluated(model_json: str | Path, model_dir: str | Path | None) -> tuple[st
     model = read_json(model_json)
     if model_dir is None:
         return model["path"], {"model": "dense", "model_fingerprint": model["fingerprint"]}
+    if not (Path(model_dir) / "compression.json").is_file() and (Path(model_dir) / "recovery.json").is_file():
+        # the dense model after recovery tuning (recover_dense): same architecture, no compression record
+        return str(model_dir), {"model": "recovered dense", "model_fingerprint": model["fingerprint"],
+                                "recovery_json_sha256": file_sha256(Path(model_dir) / "recovery.json")}
     record = read_json(Path(model_dir) / "compression.json")
     return str(model_dir), {"model": "compressed", "compression_json_sha256": file_sha256(Path(model_dir) / "compression.json"),
                             "model_fingerprint": model["fingerprint"], "method": record.get("method")}

@@ -26,8 +26,8 @@ wildcard_constraints:
     calib="[^/]+",
     target="[^/]+",
     method="[^/]+",
-    # an evaluated model: the dense one, or a compressed one by its {calib}/{target}/{method} path
-    variant="dense|[^/]+/[^/]+/[^/]+",
+    # an evaluated model: the dense one (or dense+{recovery}), or a compressed one by its {calib}/{target}/{method} path
+    variant="dense|dense\+[^/]+|[^/]+/[^/]+/[^/]+",
     corpus="[^/]+",
     task="[^/]+",
 
@@ -41,6 +41,7 @@ def all_outputs():
         outputs += [f"results/{model}/{variant}/model" for model, variant in recovered_variants()
                     if model == run["model"] and variant.startswith(f"{run['calibration']}/{run['target']}/")]
         outputs += expand("results/{model}/{calib}/similarity/{file}", file=SIMILARITY_FILES, **wc)
+    outputs += [f"results/{model}/{variant}/model" for model, variant in recovered_variants() if "/" not in variant]
     return outputs + report_outputs()
 
 
@@ -51,10 +52,14 @@ def compressed_variants():
 
 
 def recovered_variants():
-    """(model, "calib/target/method+recovery") of every recovery-tuned checkpoint (recovery: settings)."""
-    return [(run["model"], f"{run['calibration']}/{run['target']}/{method}+{name}")
-            for name, spec in config["recovery"].items() for run in runs(config)
-            for method in (spec.get("methods") or config["methods"])]
+    """(model, variant) of every recovery-tuned checkpoint (recovery: settings), each after its source.
+
+    variant is "calib/target/method+recovery" for a compressed source (the setting's methods and targets,
+    null meaning all) and "dense+recovery" for the dense model of every run's model when `dense: true`.
+    """
+    from flattengpt.recover import recovered_sources
+
+    return [(model, f"{source}+{name}") for name, model, source in recovered_sources(config)]
 
 
 def evaluated_variants():
@@ -69,6 +74,15 @@ def recovery_names_regex():
     return "|".join(re.escape(name) for name in config["recovery"]) or "(?!)"
 
 
+def recover_dense_inputs(wildcards):
+    """The dense model (model.json names its directory; a local model's files) and a local data file."""
+    inputs = {"model": f"results/{wildcards.model}/model.json", "sources": model_source_files(wildcards)}
+    data = config["recovery"][wildcards.recovery]["data"]
+    if data["source"] == "local":
+        inputs["data"] = data["path"]
+    return inputs
+
+
 def recover_inputs(wildcards):
     """The compressed checkpoint, its plan (for sizing) and a local data file, so that a new file reruns it."""
     base = f"results/{wildcards.model}/{wildcards.calib}/{wildcards.target}/{wildcards.method}"
@@ -81,8 +95,10 @@ def recover_inputs(wildcards):
 
 
 def recovery_params(wildcards):
-    """A recovery setting without its `methods` list (which says where it applies, not how)."""
-    return {k: v for k, v in config["recovery"][wildcards.recovery].items() if k != "methods"}
+    """A recovery setting without its methods, targets and dense keys (which say where it applies, not how)."""
+    from flattengpt.config import RECOVERY_WHERE
+
+    return {k: v for k, v in config["recovery"][wildcards.recovery].items() if k not in RECOVERY_WHERE}
 
 
 def evaluation_outputs(model, variant):
@@ -92,7 +108,7 @@ def evaluation_outputs(model, variant):
     files = [f"{base}/perplexity/{corpus}.json" for corpus in evaluation["perplexity"]["corpora"]]
     files += [f"{base}/zero_shot/{task}.json" for task in evaluation["zero_shot"]["tasks"]]
     files.append(f"{base}/generations.json")
-    if evaluation["speed"]["enabled"] and variant != "dense":
+    if evaluation["speed"]["enabled"] and "/" in variant:  # compressed (and recovered compressed) models
         files.append(f"{base}/speed.json")
     return files
 
@@ -417,19 +433,22 @@ def report_entries():
     entries = []
     for model, variant in evaluated_variants():
         base = f"results/{model}/{variant}"
-        dense = variant == "dense"
-        calib, target, method = (None, None, "dense") if dense else variant.split("/")
-        source = method.split("+")[0]  # a recovered model's plan is its source method's
+        compressed = "/" in variant  # else dense or dense+{recovery}
+        calib, target, method = variant.split("/") if compressed else (None, None, variant)
+        # method names cannot hold "+" (schema): a recovered model is {source}+{recovery}
+        source, _, recovery = method.partition("+")
         entries.append({
             "model": model, "calibration": calib, "target": target, "method": method,
+            "recovered_from": source if recovery else None, "recovery": recovery or None,
             "model_json": f"results/{model}/model.json",
-            "model_dir": None if dense else f"{base}/model",
-            "compression_json": None if dense else f"{base}/model/compression.json",
-            "plan_json": None if dense else f"results/{model}/{calib}/{target}/{source}/plan.json",
-            "recovery_json": f"{base}/model/recovery.json" if "+" in method else None,
+            "model_dir": f"{base}/model" if variant != "dense" else None,
+            "compression_json": f"{base}/model/compression.json" if compressed else None,
+            # a recovered model's plan is its source method's
+            "plan_json": f"results/{model}/{calib}/{target}/{source}/plan.json" if compressed else None,
+            "recovery_json": f"{base}/model/recovery.json" if recovery else None,
             "perplexity": {c: f"{base}/eval/perplexity/{c}.json" for c in evaluation["perplexity"]["corpora"]},
             "zero_shot": {t: f"{base}/eval/zero_shot/{t}.json" for t in evaluation["zero_shot"]["tasks"]},
-            "speed": f"{base}/eval/speed.json" if evaluation["speed"]["enabled"] and not dense else None,
+            "speed": f"{base}/eval/speed.json" if evaluation["speed"]["enabled"] and compressed else None,
             "generations": f"{base}/eval/generations.json",
         })
     return entries

@@ -28,14 +28,15 @@ SHAPES = {3: {"embed": (25, 20), "blocks": (5, 50)},   # 500 + 250 = 750 paramet
 NUMEL = {3: 750, 6: 500}
 
 EXPECTED_COLUMNS = [
-    "model", "calibration", "method", "method_type", "target", "blocks_removed", "num_layers", "parameters",
-    "param_ratio",
+    "model", "calibration", "method", "recovered_from", "method_type", "target", "blocks_removed", "num_layers",
+    "parameters", "param_ratio",
     "ppl_c4", "ppl_wikitext2",
     "piqa", "piqa_stderr", "winogrande", "winogrande_stderr", "hellaswag", "hellaswag_stderr",
     "arc_easy", "arc_easy_stderr", "arc_challenge", "arc_challenge_stderr", "boolq", "boolq_stderr",
     "mean_acc", "n_tasks", "retention", "prefill_speedup", "decode_speedup", "ideal_speedup",
     "prefill_tokens_per_s", "decode_ms_per_token", "kv_cache_bytes_per_token", "peak_memory_mib",
-    "choice_seconds", "choice_block_forwards", "compression_seconds", "compression_peak_rss_mib", "size_on_disk_mb",
+    "choice_seconds", "choice_block_forwards", "compression_seconds", "compression_peak_rss_mib", "recovery_steps",
+    "recovery_seconds", "size_on_disk_mb",
 ]
 
 
@@ -293,3 +294,190 @@ def test_generations_markdown(entries):
         assert text.count(f"**{label}**") == 2
     assert ">  Paris (dense)" in text  # the completion as generated, its leading space kept
     assert ">  there was\n> a dense" in text  # multi-line completions stay inside the quote
+
+
+# ----------------------------------------------------------------------------- recovered models
+
+# (calibration, blocks removed) of the recovered FlattenGPT models and how they change: perplexity scale,
+# accuracy shift per task (fraction), prefill speedup shift; (None, 0) is the dense model
+RECOVERED = {("wiki-seed0", 3): (1.15, 0.02, 0.005), ("wiki-seed0", 6): (1.3, 0.04, -0.01),
+             ("wiki-seed1", 3): (1.2, 0.01, 0.0), (None, 0): (0.95, 0.01, None)}
+
+
+def recovered_entry(tmp_path, source: dict, ppl_scale, acc_shift, speed_shift, steps=25) -> dict:
+    """A `{source}+heal` entry beside `source`: the same architecture, its own evaluations."""
+    dense = source["method"] == "dense"
+    method = f"{source['method']}+heal"
+    base = tmp_path / MODEL / "dense+heal" if dense else \
+        tmp_path / MODEL / source["calibration"] / source["target"] / method
+    model_dir = base / "model"
+    k = 0 if dense else int(source["target"].split("-")[1])
+    shapes = {"w": (10, 100)} if dense else SHAPES[k]
+    model_dir.mkdir(parents=True)
+    save_file({name: torch.ones(shape) for name, shape in shapes.items()}, str(model_dir / "model.safetensors"))
+    write_json(model_dir / "recovery.json", {"steps": {"total": steps}, "timings": {"seconds": 60.0 + k}})
+    source_acc = DENSE_ACC if dense else accuracy(k, int(source["calibration"][-1]))
+    ppl, zs = evaluations(base / "eval", (1.0 if dense else 1.0 + 0.1 * k + 0.01 * int(source["calibration"][-1]))
+                          * ppl_scale, {t: v + acc_shift for t, v in source_acc.items()})
+    entry = {**source, "method": method, "recovered_from": source["method"], "recovery": "heal",
+             "model_dir": str(model_dir), "recovery_json": str(model_dir / "recovery.json"), "perplexity": ppl,
+             "zero_shot": zs, "generations": None, "speed": None}
+    if not dense:
+        import shutil
+
+        shutil.copyfile(source["compression_json"], model_dir / "compression.json")
+        entry["compression_json"] = str(model_dir / "compression.json")
+        record = read_json(source["speed"])
+        record["ratios"]["compressed"]["prefill_speedup"] += speed_shift
+        write_json(base / "eval" / "speed.json", record)
+        entry["speed"] = str(base / "eval" / "speed.json")
+    return entry
+
+
+@pytest.fixture
+def with_recovered(entries, tmp_path):
+    added = []
+    for (calibration, k), change in RECOVERED.items():
+        source = next(e for e in entries if e["method"] == ("dense" if k == 0 else "flattengpt")
+                      and e["calibration"] == calibration and (k == 0 or e["target"] == f"remove-{k}"))
+        added.append(recovered_entry(tmp_path, source, *change))
+    return added + entries  # recovered first: the table puts each after its source
+
+
+def test_recovered_rows_follow_their_source(with_recovered):
+    table = report.results_table(with_recovered)
+    order = list(zip(table["method"], table["calibration"].fillna("-"), table["blocks_removed"]))
+    assert order == [("dense", "-", 0), ("dense+heal", "-", 0), ("drop", "wiki-seed0", 3),
+                     ("flattengpt", "wiki-seed0", 3), ("flattengpt+heal", "wiki-seed0", 3),
+                     ("flattengpt", "wiki-seed0", 6), ("flattengpt+heal", "wiki-seed0", 6),
+                     ("flattengpt", "wiki-seed1", 3), ("flattengpt+heal", "wiki-seed1", 3),
+                     ("flattengpt", "wiki-seed1", 6)]
+    assert table["recovered_from"].fillna("-").tolist() == ["-", "dense", "-", "-", "flattengpt", "-", "flattengpt",
+                                                            "-", "flattengpt", "-"]
+    healed = table[table["method"] == "flattengpt+heal"].iloc[0]
+    assert healed["recovery_steps"] == 25 and healed["recovery_seconds"] == 63.0
+    assert healed["compression_seconds"] == 30.0  # the source's compression, carried over
+    assert healed["method_type"] == "flattengpt"
+    dense_heal = table[table["method"] == "dense+heal"].iloc[0]
+    assert dense_heal["blocks_removed"] == 0 and dense_heal["num_layers"] == LAYERS
+    assert dense_heal["parameters"] == 1000 and dense_heal["method_type"] == "dense"
+    assert dense_heal["ideal_speedup"] == 1.0 and math.isnan(dense_heal["prefill_speedup"])
+    assert dense_heal["retention"] == pytest.approx((sum(DENSE_ACC.values()) + 0.06) / sum(DENSE_ACC.values()))
+    assert pd.isna(table[table["method"] == "dense"].iloc[0]["recovery_steps"])
+
+
+def test_recovery_deltas_by_hand(with_recovered):
+    table = report.results_table(with_recovered)
+    deltas = report.recovery_table(table)
+    assert list(deltas.columns) == report.RECOVERY_COLUMNS
+    assert deltas.groupby("recovered", sort=False).size().to_dict() == {"dense+heal": len(report.compared_columns(table)),
+                                                                         "flattengpt+heal": 3 * len(report.compared_columns(table))}
+    assert "blocks_removed" not in set(deltas["metric"]) and "piqa_stderr" not in set(deltas["metric"])
+    assert {"ppl_wikitext2", "ppl_c4", *TASKS, "mean_acc", "retention", "parameters", "prefill_speedup"} <= set(deltas["metric"])
+
+    def cell(calibration, k, metric):
+        selected = deltas[(deltas["metric"] == metric) & (deltas["blocks_removed"] == k)
+                          & (deltas["calibration"].isna() if calibration is None else deltas["calibration"] == calibration)]
+        assert len(selected) == 1
+        return selected.iloc[0]
+
+    # flattengpt, wiki-seed0, remove-3: perplexity 20 * 1.3 = 26 -> 26 * 1.15 = 29.9 on wikitext2
+    r = cell("wiki-seed0", 3, "ppl_wikitext2")
+    assert r["source"] == "flattengpt" and r["recovery"] == "heal" and r["target"] == "remove-3"
+    assert r["source_value"] == pytest.approx(26.0) and r["recovered_value"] == pytest.approx(29.9)
+    assert r["delta"] == pytest.approx(3.9) and r["delta_pct"] == pytest.approx(15.0) and r["better"] == "no"
+    assert math.isnan(r["delta_stderr"])
+    # each task 2 points up (67.0 -> 69.0 on piqa), stderr 1 point each side
+    r = cell("wiki-seed0", 3, "piqa")
+    assert (r["source_value"], r["recovered_value"]) == (pytest.approx(67.0), pytest.approx(69.0))
+    assert r["delta"] == pytest.approx(2.0) and r["delta_pct"] == pytest.approx(200 / 67)
+    assert r["delta_stderr"] == pytest.approx(math.sqrt(2)) and r["better"] == "yes"
+    assert cell("wiki-seed0", 3, "mean_acc")["delta"] == pytest.approx(2.0)
+    dense_mean = 100 * sum(DENSE_ACC.values()) / len(DENSE_ACC)
+    assert cell("wiki-seed0", 3, "retention")["delta"] == pytest.approx(2.0 / dense_mean)
+    r = cell("wiki-seed0", 3, "prefill_speedup")
+    assert r["delta"] == pytest.approx(0.005) and r["better"] == "yes"
+    r = cell("wiki-seed0", 3, "parameters")
+    assert r["delta"] == 0 and r["better"] == ""
+    # the right source: remove-6 of wiki-seed0 (not remove-3), 21 * ... : ppl 20 * 1.6 = 32 -> 41.6
+    r = cell("wiki-seed0", 6, "ppl_wikitext2")
+    assert r["source_value"] == pytest.approx(32.0) and r["delta"] == pytest.approx(9.6)
+    r = cell("wiki-seed0", 6, "hellaswag")  # 50 - 6 = 44 -> 48
+    assert r["source_value"] == pytest.approx(44.0) and r["delta"] == pytest.approx(4.0)
+    r = cell("wiki-seed0", 6, "prefill_speedup")
+    assert r["delta"] == pytest.approx(-0.01) and r["better"] == "no"
+    # wiki-seed1, remove-3: 20 * 1.31 = 26.2 -> 31.44 on wikitext2, 30 * 1.31 = 39.3 -> 47.16 on c4
+    assert cell("wiki-seed1", 3, "ppl_wikitext2")["source_value"] == pytest.approx(26.2)
+    assert cell("wiki-seed1", 3, "ppl_c4")["delta"] == pytest.approx(39.3 * 0.2)
+    assert cell("wiki-seed1", 3, "arc_easy")["source_value"] == pytest.approx(61.5)  # 65 - 3 - 0.5
+    assert cell("wiki-seed1", 3, "prefill_speedup")["better"] == "same"
+    # the dense model: 20 -> 19, every task one point up
+    r = cell(None, 0, "ppl_wikitext2")
+    assert r["source"] == "dense" and r["recovered"] == "dense+heal" and pd.isna(r["target"])
+    assert r["delta"] == pytest.approx(-1.0) and r["delta_pct"] == pytest.approx(-5.0) and r["better"] == "yes"
+    assert cell(None, 0, "boolq")["delta"] == pytest.approx(1.0)
+    assert math.isnan(cell(None, 0, "prefill_speedup")["delta"])  # not timed
+    assert cell(None, 0, "prefill_speedup")["better"] == ""
+
+
+def test_a_recovered_model_without_its_source_has_nan_deltas(with_recovered):
+    kept = [e for e in with_recovered if not (e["method"] == "flattengpt" and e["calibration"] == "wiki-seed1"
+                                              and e["target"] == "remove-3")]
+    deltas = report.recovery_table(report.results_table(kept))
+    orphan = deltas[(deltas["calibration"] == "wiki-seed1") & (deltas["blocks_removed"] == 3)]
+    assert len(orphan) and orphan["source_value"].isna().all() and orphan["delta"].isna().all()
+    assert (orphan["recovered_value"].notna()).any()
+    assert deltas[deltas["calibration"] == "wiki-seed0"]["delta"].notna().any()
+
+
+def test_recovery_markdown_and_csv(with_recovered, tmp_path):
+    deltas = report.recovery_table(report.results_table(with_recovered))
+    csv, md = tmp_path / "report" / "recovery.csv", tmp_path / "report" / "recovery.md"
+    report.write_recovery(deltas, csv, md, notes=["delta = recovered - source"])
+    back = pd.read_csv(csv)
+    assert back.shape == deltas.shape
+    np.testing.assert_allclose(back["delta"], deltas["delta"].astype(float), equal_nan=True, rtol=0, atol=0)
+    text = md.read_text()
+    assert text.count("\n## ") == 4
+    assert f"## {MODEL}: flattengpt+heal / remove-3 / wiki-seed0\n\nSource: flattengpt / remove-3 / wiki-seed0" in text
+    assert f"## {MODEL}: dense+heal\n\nSource: dense; recovery setting heal." in text
+    assert "| ppl_wikitext2 | 26.00 | 29.90 | +3.90 | +15.0% | – | no |" in text
+    assert "| piqa | 67.0 | 69.0 | +2.0 | +3.0% | 1.4 | yes |" in text
+    assert "| ppl_wikitext2 | 20.00 | 19.00 | -1.00 | -5.0% | – | yes |" in text
+    assert "- delta = recovered - source" in text
+    assert "| prefill_speedup | 1.000 | – | – | – | – | – |" in text  # the dense model's side only: not timed
+    # a column without a value on either side is left out of the Markdown (kept in the CSV)
+    blank = deltas.copy()
+    blank.loc[blank["metric"] == "boolq", ["source_value", "recovered_value", "delta", "delta_pct"]] = np.nan
+    assert "| boolq |" in text and "| boolq |" not in report.recovery_markdown(blank)
+    assert "No recovered models." in report.recovery_markdown(report.recovery_table(report.results_table(
+        [e for e in with_recovered if "recovered_from" not in e])))
+
+
+def test_plot_lines_pair_recovered_with_source(with_recovered, tmp_path):
+    table = report.results_table(with_recovered)
+    lines = {line["label"]: line for line in report.vs_blocks_lines(table, "ppl_wikitext2", log_y=True)}
+    assert set(lines) == {"drop", "flattengpt", "flattengpt+heal"}
+    source, healed = lines["flattengpt"], lines["flattengpt+heal"]
+    assert source["colour"] == healed["colour"] != lines["drop"]["colour"]
+    assert healed["recovered"] and not source["recovered"] and not lines["drop"]["recovered"]
+    # the recovered line starts at dense+heal (19) and goes through the mean of its calibrations
+    assert healed["xs"] == [0, 3, 6]
+    np.testing.assert_allclose(healed["mean"], [19.0, (29.9 + 26.2 * 1.2) / 2, 41.6])
+    # the bar spans the two calibrations: 29.9 and 31.44 around 30.67
+    np.testing.assert_allclose(healed["low"], [0, 0.77, 0], atol=1e-9)
+    np.testing.assert_allclose(healed["high"], [0, 0.77, 0], atol=1e-9)
+    assert healed["spread"]
+    np.testing.assert_allclose(source["mean"], [20.0, (26.0 + 26.2) / 2, (32.0 + 32.2) / 2])
+    # without dense+heal the recovered line has only its own points; dense+heal alone is a point in dense's colour
+    no_dense = report.results_table([e for e in with_recovered if e["method"] != "dense+heal"])
+    healed = {line["label"]: line for line in report.vs_blocks_lines(no_dense, "ppl_wikitext2")}["flattengpt+heal"]
+    assert healed["xs"] == [3, 6]
+    only_dense = report.results_table([e for e in with_recovered if e["method"] in ("dense", "dense+heal")])
+    lines = report.vs_blocks_lines(only_dense, "ppl_wikitext2")
+    assert [(line["label"], line["xs"], line["recovered"]) for line in lines] == [("dense", [0], False),
+                                                                                   ("dense+heal", [0], True)]
+    assert lines[0]["colour"] == lines[1]["colour"]
+    path = tmp_path / "plots" / "ppl.png"
+    report.plot_vs_blocks(table, "ppl_wikitext2", path, ylabel="ppl", title="ppl", log_y=True)
+    assert is_png(path)

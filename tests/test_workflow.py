@@ -118,13 +118,14 @@ def assert_report(workdir, n_rows, tasks, corpora):
     report = workdir / "results" / "report"
     table = pd.read_csv(report / "results.csv")
     assert len(table) == n_rows, "one row per evaluated model"
-    expected = ["model", "calibration", "method", "method_type", "target", "blocks_removed", "num_layers",
+    expected = ["model", "calibration", "method", "recovered_from", "method_type", "target", "blocks_removed",
+                "num_layers",
                 "parameters", "param_ratio", *[f"ppl_{c}" for c in corpora],
                 *[c for t in tasks for c in (t, f"{t}_stderr")],
                 "mean_acc", "n_tasks", "retention", "prefill_speedup", "decode_speedup", "ideal_speedup",
                 "prefill_tokens_per_s", "decode_ms_per_token", "kv_cache_bytes_per_token", "peak_memory_mib",
                 "choice_seconds", "choice_block_forwards", "compression_seconds", "compression_peak_rss_mib",
-                "size_on_disk_mb"]
+                "recovery_steps", "recovery_seconds", "size_on_disk_mb"]
     assert list(table.columns) == expected
     dense = table[table.method == "dense"].iloc[0]
     assert dense.blocks_removed == 0 and dense.param_ratio == 1.0 and dense.ideal_speedup == 1.0
@@ -279,6 +280,53 @@ def test_every_baseline_runs_through_the_plan_and_search_rules(tmp_path):
     assert list((tmp_path / "results" / "report" / "plans").glob("*.png"))
     assert_lambda_picks(tmp_path, "replaceme", {"map"})
     assert_lambda_picks(tmp_path, "flattengpt-trial", {"MLP"})
+
+
+def test_recovery_of_a_compressed_and_the_dense_model_reported_against_their_sources(tmp_path):
+    """A recovery: setting with dense: true, one method and one target: both tuned, evaluated, paired in the report."""
+    import pandas as pd
+
+    model = make_model_with_tokenizer(tmp_path / "model", "llama", num_hidden_layers=4)
+    config = base_config(model)
+    config["methods"] = {"drop": {"method": "drop"}}
+    config["targets"]["k1"] = {"remove_blocks": 1}
+    config["evaluation"]["speed"]["enabled"] = False
+    config["recovery"] = {"heal": {"data": {"source": "embedded", "name": "shakespeare-calibration"}, "dense": True,
+                                   "targets": ["k2"], "max_steps": 2, "batch_size": 4, "micro_batch_size": 2,
+                                   "cutoff_len": 32, "learning_rate": 0.01, "val_fraction": 0.0, "log_every": 1}}
+    write_config(tmp_path, config)
+    jobs = planned_jobs(tmp_path)
+    assert jobs["recover"] == 1 and jobs["recover_dense"] == 1 and jobs["perplexity"] == 5
+    snakemake(tmp_path)
+    results = tmp_path / "results" / "tiny"
+    dense = results / "dense+heal" / "model"
+    recovery = json.loads((dense / "recovery.json").read_text())
+    assert recovery["steps"]["total"] == 2 and recovery["provenance"]["rule"] == "recover_dense"
+    assert recovery["model"]["path"] == str(model) and not (dense / "compression.json").exists()
+    assert (results / "logs" / "recover.dense+heal.log").stat().st_size > 0
+    assert not (results / ".resume" / "recover.dense+heal").exists(), "the resume state goes with success"
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(dense).config.num_hidden_layers == 4
+    perplexity = json.loads((results / "dense+heal" / "eval" / "perplexity" / "tragedies.json").read_text())
+    assert perplexity["provenance"]["inputs"]["model"] == "recovered dense"
+    assert not (results / "plays" / "k1" / "drop+heal").exists(), "targets: [k2] leaves k1 alone"
+    assert_loadable(results / "plays" / "k2" / "drop+heal" / "model", 2)
+
+    report = tmp_path / "results" / "report"
+    table = pd.read_csv(report / "results.csv")
+    assert table.method.tolist() == ["dense", "dense+heal", "drop", "drop", "drop+heal"]
+    assert table.recovered_from.fillna("-").tolist() == ["-", "dense", "-", "-", "drop"]
+    assert table.blocks_removed.tolist() == [0, 0, 1, 2, 2]
+    deltas = pd.read_csv(report / "recovery.csv")
+    ppl = deltas[deltas.metric == "ppl_tragedies"].set_index("recovered")
+    for recovered, (source, blocks) in {"dense+heal": ("dense", 0), "drop+heal": ("drop", 2)}.items():
+        source_row = table[(table.method == source) & (table.blocks_removed == blocks)].iloc[0]
+        row = table[table.method == recovered].iloc[0]
+        assert ppl.loc[recovered, "source_value"] == pytest.approx(source_row.ppl_tragedies)
+        assert ppl.loc[recovered, "delta"] == pytest.approx(row.ppl_tragedies - source_row.ppl_tragedies)
+        assert ppl.loc[recovered, "delta"] != 0, "two steps at lr 0.01 move the perplexity"
+    assert "## tiny: dense+heal" in (report / "recovery.md").read_text()
 
 
 def test_bad_config_fails_before_any_job(tmp_path):

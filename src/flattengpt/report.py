@@ -4,6 +4,10 @@ Everything here is a pure function of files the evaluation stages wrote (model.j
 compression.json, one JSON per perplexity corpus, zero-shot task, speed run and generation run),
 so the report can be rebuilt and tested without Snakemake. A missing file or field becomes NaN in
 the table, never an error: a report with holes is more useful than none.
+
+A recovered model (method `{source}+{recovery}`, entry field `recovered_from`) is a row of its own,
+sorted right below its source, and `recovery_table` lists its change against that source (same
+model, calibration and target) in every numeric column.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ PAPER_TASKS = ["piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge"]
 NAN = float("nan")
 SPEEDUPS = ("prefill_speedup", "decode_speedup", "ideal_speedup")
 INFERENCE = ("prefill_tokens_per_s", "decode_ms_per_token", "kv_cache_bytes_per_token", "peak_memory_mib")
-INT_COLUMNS = ("blocks_removed", "num_layers", "parameters", "n_tasks")
+INT_COLUMNS = ("blocks_removed", "num_layers", "parameters", "n_tasks", "recovery_steps")
 MB = 1e6
 
 
@@ -84,7 +88,7 @@ def size_on_disk_mb(directory: str | Path | None) -> float:
 
 
 def variant_label(entry: dict) -> str:
-    """"dense", or "method / target / calibration" for a compressed model."""
+    """"dense" (or "dense+recovery"), or "method / target / calibration" for a compressed model."""
     if entry.get("method") == "dense":
         return "dense"
     return " / ".join(str(part) for part in (entry.get("method"), entry.get("target"), entry.get("calibration"))
@@ -102,9 +106,12 @@ def _task_order(tasks: Iterable[str]) -> list[str]:
 def _row(entry: dict, corpora: list[str], tasks: list[str]) -> dict:
     model = _read(entry.get("model_json"))
     dense = entry.get("method") == "dense"
-    compression = {} if dense else _read(entry.get("compression_json"))
-    plan = {} if dense else _read(entry.get("plan_json"))
-    speed = {} if dense else _read(entry.get("speed"))
+    recovered_from = entry.get("recovered_from")
+    dense_like = dense or recovered_from == "dense"  # the dense model, or the dense model recovery-tuned
+    compression = {} if dense_like else _read(entry.get("compression_json"))
+    plan = {} if dense_like else _read(entry.get("plan_json"))
+    speed = {} if dense_like else _read(entry.get("speed"))
+    recovery = _read(entry.get("recovery_json")) if recovered_from else {}
 
     per_block = _get(model, "parameters", "per_block")
     dense_layers = model.get("num_layers") or (len(per_block) if per_block else None)
@@ -112,6 +119,12 @@ def _row(entry: dict, corpora: list[str], tasks: list[str]) -> dict:
     if dense:
         blocks_removed, num_layers, parameters = 0, dense_layers, dense_parameters
         model_dir = entry.get("model_dir") or model.get("path")
+    elif dense_like:  # merged LoRA (or full fine-tune): the dense architecture, its own weights
+        blocks_removed, num_layers = 0, dense_layers
+        model_dir = entry.get("model_dir")
+        parameters = checkpoint_parameters(model_dir)
+        if parameters is None:
+            parameters = dense_parameters
     else:
         layers = compression.get("num_layers") if isinstance(compression.get("num_layers"), dict) else {}
         num_layers = (layers.get("compressed") or _get(speed, "models", "compressed", "num_layers")
@@ -124,7 +137,7 @@ def _row(entry: dict, corpora: list[str], tasks: list[str]) -> dict:
             parameters = plan.get("params_after")
 
     row = {"model": entry.get("model"), "calibration": entry.get("calibration"), "method": entry.get("method"),
-           "target": entry.get("target"), "blocks_removed": blocks_removed, "num_layers": num_layers,
+           "recovered_from": recovered_from, "target": entry.get("target"), "blocks_removed": blocks_removed, "num_layers": num_layers,
            "parameters": parameters,
            "param_ratio": _float(parameters) / _float(dense_parameters) if dense_parameters else NAN}
 
@@ -144,14 +157,19 @@ def _row(entry: dict, corpora: list[str], tasks: list[str]) -> dict:
 
     for name in SPEEDUPS:
         row[name] = 1.0 if dense else _float(_get(speed, "ratios", "compressed", name))
+    if dense_like and not dense:
+        row["ideal_speedup"] = 1.0  # L / L; its speed is not timed (the dense architecture)
     for name in INFERENCE:
-        row[name] = NAN if dense else _float(_get(speed, "models", "compressed", name))
-    row["method_type"] = "dense" if dense else plan.get("method") or compression.get("method")
+        row[name] = NAN if dense_like else _float(_get(speed, "models", "compressed", name))
+    row["method_type"] = "dense" if dense_like else plan.get("method") or compression.get("method")
     # what the method's choice cost (plan or search rule) and what building the layers cost (compress rule)
     row["choice_seconds"] = _float(_get(plan, "cost", "seconds"))
     row["choice_block_forwards"] = _float(_get(plan, "cost", "block_forwards"))
     row["compression_seconds"] = _float(_get(compression, "timings", "seconds"))
     row["compression_peak_rss_mib"] = _float(compression.get("peak_rss_mib"))
+    # what the recovery tuning cost (recover rule); a recovered row's compression columns are its source's
+    row["recovery_steps"] = _get(recovery, "steps", "total")
+    row["recovery_seconds"] = _float(_get(recovery, "timings", "seconds"))
     row["size_on_disk_mb"] = size_on_disk_mb(model_dir)
     return row
 
@@ -184,26 +202,31 @@ def _retention(row: pd.Series, dense: pd.Series, tasks: list[str]) -> float:
 
 
 def _sort_key(row: dict) -> tuple:
+    """Model, dense first, calibration, method, blocks removed; a recovered model right after its source."""
     blocks = row["blocks_removed"]
-    return (str(row["model"]), row["method"] != "dense", str(row["calibration"] or ""), str(row["method"]),
-            math.inf if blocks is None else blocks, str(row["target"] or ""))
+    source = row["recovered_from"] or row["method"]
+    return (str(row["model"]), source != "dense", str(row["calibration"] or ""), str(source),
+            math.inf if blocks is None else blocks, str(row["target"] or ""), row["recovered_from"] is not None,
+            str(row["method"]))
 
 
 def results_table(entries: list[dict]) -> pd.DataFrame:
     """One row per evaluated model, the columns described in workflow/report/results.rst.
 
-    Rows are sorted by model, dense first, then calibration, method and blocks removed.
+    Rows are sorted by model, dense first, then calibration, method and blocks removed, each recovered
+    model (`recovered_from` names its source method) right after its source.
     `param_ratio` is over the dense parameter count in model.json; `retention` and the dense row's
     inference figures need a dense entry / a speed run of the same model, and are NaN without one.
     """
     corpora = sorted({corpus for e in entries for corpus in (e.get("perplexity") or {})})
     tasks = _task_order(task for e in entries for task in (e.get("zero_shot") or {}))
     rows = sorted((_row(entry, corpora, tasks) for entry in entries), key=_sort_key)
-    columns = (["model", "calibration", "method", "method_type", "target", "blocks_removed", "num_layers",
-                "parameters", "param_ratio"] + [f"ppl_{c}" for c in corpora]
+    columns = (["model", "calibration", "method", "recovered_from", "method_type", "target", "blocks_removed",
+                "num_layers", "parameters", "param_ratio"] + [f"ppl_{c}" for c in corpora]
                + [name for t in tasks for name in (t, f"{t}_stderr")]
                + ["mean_acc", "n_tasks", "retention", *SPEEDUPS, *INFERENCE, "choice_seconds",
-                  "choice_block_forwards", "compression_seconds", "compression_peak_rss_mib", "size_on_disk_mb"])
+                  "choice_block_forwards", "compression_seconds", "compression_peak_rss_mib", "recovery_steps",
+                  "recovery_seconds", "size_on_disk_mb"])
     table = pd.DataFrame(rows, columns=columns)
 
     inference = _dense_inference(entries)
@@ -266,6 +289,129 @@ def write_table(df: pd.DataFrame, csv_path: str | Path, md_path: str | Path, tit
         tmp.write_text("\n".join(parts))
 
 
+# ----------------------------------------------------------------------------- recovered vs source
+
+# columns a recovered row inherits from its source or that count rather than measure: no delta
+NOT_COMPARED = ("blocks_removed", "n_tasks", "choice_seconds", "choice_block_forwards", "compression_seconds",
+                "compression_peak_rss_mib", "recovery_steps", "recovery_seconds")
+HIGHER_IS_BETTER = ("mean_acc", "retention", "prefill_speedup", "decode_speedup", "prefill_tokens_per_s")
+LOWER_IS_BETTER = ("decode_ms_per_token", "peak_memory_mib")
+RECOVERY_COLUMNS = ["model", "calibration", "target", "blocks_removed", "source", "recovery", "recovered", "metric",
+                    "source_value", "recovered_value", "delta", "delta_pct", "delta_stderr", "better"]
+
+
+def compared_columns(table: pd.DataFrame) -> list[str]:
+    """The numeric columns recovery_table compares, in table order (standard errors go with their task)."""
+    return [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c]) and c not in NOT_COMPARED
+            and not c.endswith("_stderr")]
+
+
+def _direction(column: str, tasks: set[str]) -> int:
+    """+1 where higher is better, -1 where lower is, 0 where neither (sizes, counts)."""
+    if column.startswith("ppl_") or column in LOWER_IS_BETTER:
+        return -1
+    return 1 if column in tasks or column in HIGHER_IS_BETTER else 0
+
+
+def _matches(series: pd.Series, value: Any) -> pd.Series:
+    """series == value, with None / NaN equal to each other (the dense rows' calibration and target)."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return series.isna()
+    return series == value
+
+
+def source_row(table: pd.DataFrame, row: pd.Series) -> pd.Series | None:
+    """The row a recovered row was tuned from: same model, calibration and target, method = recovered_from."""
+    same = ((table["model"] == row["model"]) & (table["method"] == row["recovered_from"])
+            & _matches(table["calibration"], row["calibration"]) & _matches(table["target"], row["target"])
+            & table["recovered_from"].isna())
+    found = table[same]
+    return found.iloc[0] if len(found) else None
+
+
+def recovery_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Every recovered model against its source, one row per (recovered model, compared column).
+
+    delta = recovered - source; delta_pct = 100 * delta / |source|; delta_stderr (task accuracies) =
+    sqrt(se_source^2 + se_recovered^2), which ignores that both models answer the same items
+    (conservative when their errors are positively correlated); better: yes / no / same where the
+    column has a direction (perplexity and latency lower, accuracies and throughput higher), else empty.
+    A recovered model whose source is not in the table gets NaN source values.
+    """
+    columns = compared_columns(table)
+    tasks = {c for c in columns if f"{c}_stderr" in table.columns}
+    rows = []
+    for _, recovered in table[table["recovered_from"].notna()].iterrows():
+        source = source_row(table, recovered)
+        name = str(recovered["method"])
+        recovery = name[len(str(recovered["recovered_from"])) + 1:]
+        for column in columns:
+            after = _float(recovered[column])
+            before = NAN if source is None else _float(source[column])
+            delta = after - before
+            pct = 100 * delta / abs(before) if math.isfinite(delta) and before != 0 else NAN
+            stderr = NAN
+            if column in tasks and source is not None:
+                stderr = math.hypot(_float(source[f"{column}_stderr"]), _float(recovered[f"{column}_stderr"]))
+            direction = _direction(column, tasks)
+            better = ("" if not direction or not math.isfinite(delta)
+                      else "same" if delta == 0 else "yes" if delta * direction > 0 else "no")
+            rows.append({"model": recovered["model"], "calibration": recovered["calibration"],
+                         "target": recovered["target"], "blocks_removed": recovered["blocks_removed"],
+                         "source": recovered["recovered_from"], "recovery": recovery, "recovered": name,
+                         "metric": column, "source_value": before, "recovered_value": after, "delta": delta,
+                         "delta_pct": pct, "delta_stderr": stderr, "better": better})
+    out = pd.DataFrame(rows, columns=RECOVERY_COLUMNS)
+    out["blocks_removed"] = pd.array([None if pd.isna(v) else int(v) for v in out["blocks_removed"]], dtype="Int64")
+    return out
+
+
+def _signed(column: str, value: float) -> str:
+    if not math.isfinite(value):
+        return "–"
+    return ("+" if value > 0 else "-" if value < 0 else "") + _format(column, abs(value))
+
+
+def recovery_markdown(deltas: pd.DataFrame, title: str = "Recovery tuning: source vs recovered",
+                      notes: Sequence[str] = ()) -> str:
+    """One section per recovered model: every compared column with a value on either side, source,
+    recovered, change (the CSV keeps the columns without values too)."""
+    parts = [f"# {title}", ""]
+    if not len(deltas):
+        parts.append("No recovered models.")
+    keys = ["model", "calibration", "target", "recovered"]
+    for key, rows in deltas.groupby(keys, sort=False, dropna=False):
+        model, calibration, target, recovered = key
+        first = rows.iloc[0]
+        where = " / ".join(str(p) for p in (target, calibration) if p is not None and not pd.isna(p))
+        suffix = f" / {where}" if where else ""
+        parts += [f"## {model}: {recovered}{suffix}", "",
+                  f"Source: {first['source']}{suffix}; recovery setting {first['recovery']}.", "",
+                  "| metric | source | recovered | delta | delta % | ± stderr | better |",
+                  "|:---|---:|---:|---:|---:|---:|:---|"]
+        for _, r in rows.iterrows():
+            metric = r["metric"]
+            if not (math.isfinite(r["source_value"]) or math.isfinite(r["recovered_value"])):
+                continue
+            pct = f"{r['delta_pct']:+.1f}%" if math.isfinite(r["delta_pct"]) else "–"
+            stderr = _format(metric, r["delta_stderr"]) if math.isfinite(r["delta_stderr"]) else "–"
+            parts.append(f"| {metric} | {_format(metric, r['source_value'])} | {_format(metric, r['recovered_value'])} "
+                         f"| {_signed(metric, r['delta'])} | {pct} | {stderr} | {r['better'] or '–'} |")
+        parts.append("")
+    if notes:
+        parts += [f"- {note}" for note in notes] + [""]
+    return "\n".join(parts).rstrip("\n") + "\n"
+
+
+def write_recovery(deltas: pd.DataFrame, csv_path: str | Path, md_path: str | Path,
+                   notes: Sequence[str] = ()) -> None:
+    """recovery_table as CSV (full precision) and as Markdown (one section per recovered model)."""
+    with atomic_path(csv_path) as tmp:
+        deltas.to_csv(tmp, index=False)
+    with atomic_path(md_path) as tmp:
+        Path(tmp).write_text(recovery_markdown(deltas, notes=notes))
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -282,38 +428,93 @@ def _points(rows: pd.DataFrame, column: str, log_y: bool) -> dict[float, list[fl
     return values
 
 
+def _line(label: str, values: dict[float, list[float]], colour: int, recovered: bool) -> dict:
+    xs = sorted(values)
+    mean = np.array([np.mean(values[x]) for x in xs])
+    return {"label": label, "xs": xs, "mean": mean,
+            "low": mean - np.array([min(values[x]) for x in xs]),
+            "high": np.array([max(values[x]) for x in xs]) - mean,
+            "spread": any(len(values[x]) > 1 for x in xs), "colour": colour, "recovered": recovered}
+
+
+def vs_blocks_lines(df: pd.DataFrame, column: str, log_y: bool = False) -> list[dict]:
+    """The lines plot_vs_blocks draws: label, xs, mean, low/high (error bar), spread, colour (an index
+    into the colour cycle), recovered (drawn dashed).
+
+    One line per (model, method), each starting at its dense point. A recovered method
+    (`recovered_from` set) gets its source's colour and starts at the dense model recovered with the
+    same setting (dense+{recovery}) when there is one; a dense+{recovery} that starts no line is a
+    point of its own in the dense model's colour.
+    """
+    recovered_from = df["recovered_from"] if "recovered_from" in df.columns else pd.Series(None, index=df.index)
+    models = list(dict.fromkeys(df["model"]))
+    lines, colour = [], 0
+    for model in models:
+        of_model = df[df["model"] == model]
+        source_of = recovered_from.loc[of_model.index]
+        plain_rows = of_model[source_of.isna()]
+        dense = plain_rows[plain_rows["method"] == "dense"]
+        methods = [m for m in dict.fromkeys(plain_rows["method"]) if m != "dense"] or (["dense"] if len(dense) else [])
+        colours: dict[str, int] = {}
+
+        def label(method: str) -> str:
+            return method if len(models) == 1 else f"{model} / {method}"
+
+        for method in methods:
+            colours[method], colour = colour, colour + 1
+            own = _points(plain_rows[plain_rows["method"] == method], column, log_y)
+            if not own:
+                continue  # a method without values of its own would only repeat the dense point
+            values = own if method == "dense" else _points(pd.concat([dense, plain_rows[plain_rows["method"] == method]]),
+                                                           column, log_y)
+            lines.append(_line(label(method), values, colours[method], False))
+
+        recovered = of_model[source_of.notna()]
+        pairs = list(dict.fromkeys(zip(source_of.loc[recovered.index], recovered["method"])))
+        started = set()  # the dense+{recovery} rows that begin a recovered method's line
+        for source, method in pairs:
+            if source == "dense":
+                continue
+            recovery = method[len(source) + 1:]
+            start = recovered[recovered["method"] == f"dense+{recovery}"]
+            own = _points(recovered[recovered["method"] == method], column, log_y)
+            if not own:
+                continue
+            if len(start):
+                started.add(f"dense+{recovery}")
+            values = _points(pd.concat([start, recovered[recovered["method"] == method]]), column, log_y)
+            if source not in colours:
+                colours[source], colour = colour, colour + 1
+            lines.append(_line(label(method), values, colours[source], True))
+        for source, method in pairs:
+            if source == "dense" and method not in started:
+                own = _points(recovered[recovered["method"] == method], column, log_y)
+                if own:
+                    if "dense" not in colours:
+                        colours["dense"], colour = colour, colour + 1
+                    lines.append(_line(label(method), own, colours["dense"], True))
+    return lines
+
+
 def plot_vs_blocks(df: pd.DataFrame, column: str, path: str | Path, ylabel: str, title: str,
                    log_y: bool = False) -> None:
     """`column` against blocks removed, one line per (model, method), each starting at its dense point.
 
     Several calibrations of one method give several values per x: the line goes through their mean
-    and an error bar spans their min to max, the spread due to the calibration set.
+    and an error bar spans their min to max, the spread due to the calibration set. A recovered
+    method is dashed with open markers, in its source method's colour (`vs_blocks_lines`).
     """
     figure = Figure(figsize=(6.4, 4.2))
     axes = figure.add_subplot()
-    models = list(dict.fromkeys(df["model"]))
-    plotted = 0
-    for model in models:
-        of_model = df[df["model"] == model]
-        dense = of_model[of_model["method"] == "dense"]
-        methods = [m for m in dict.fromkeys(of_model["method"]) if m != "dense"] or (["dense"] if len(dense) else [])
-        for method in methods:
-            own = _points(of_model[of_model["method"] == method], column, log_y)
-            if not own:
-                continue  # a method without values of its own would only repeat the dense point
-            values = own if method == "dense" else _points(pd.concat([dense, of_model[of_model["method"] == method]]),
-                                                           column, log_y)
-            xs = sorted(values)
-            mean = np.array([np.mean(values[xi]) for xi in xs])
-            low = mean - np.array([min(values[xi]) for xi in xs])
-            high = np.array([max(values[xi]) for xi in xs]) - mean
-            label = method if len(models) == 1 else f"{model} / {method}"
-            spread = any(len(values[xi]) > 1 for xi in xs)
-            # the colour cycle has 10 colours: the 11th method and later get another line style
-            axes.errorbar(xs, mean, yerr=np.vstack([low, high]) if spread else None, marker="o", capsize=3,
-                          label=label, linestyle=("-", "--", ":")[(plotted // 10) % 3])
-            plotted += 1
-    if plotted:
+    lines = vs_blocks_lines(df, column, log_y)
+    for line in lines:
+        # the colour cycle has 10 colours: the 11th source method and later get another marker
+        marker = ("o", "s", "^")[(line["colour"] // 10) % 3]
+        axes.errorbar(line["xs"], line["mean"], yerr=np.vstack([line["low"], line["high"]]) if line["spread"] else None,
+                      marker=marker, capsize=3, label=line["label"], color=f"C{line['colour'] % 10}",
+                      linestyle="--" if line["recovered"] else "-",
+                      markerfacecolor="none" if line["recovered"] else None)
+    if lines:
         axes.legend(fontsize="small")
         if log_y:
             axes.set_yscale("log")

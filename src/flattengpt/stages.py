@@ -365,9 +365,13 @@ def generation_stage(model_json: str | Path, model_dir: str | Path | None, optio
 
 
 def report_stage(entries: list[dict], plans: list[dict], outputs: dict, provenance: dict) -> "pd.DataFrame":
-    """The results table (CSV + Markdown), its plots, the plan heatmaps and the sample generations."""
-    from .report import (generations_markdown, plot_plan, plot_vs_blocks, results_table, variant_label,
-                         write_table)
+    """The results table (CSV + Markdown), its plots, the plan heatmaps and the sample generations.
+
+    With recovered models, outputs["recovery_csv"] / ["recovery_markdown"] get their change against
+    their sources (report.recovery_table).
+    """
+    from .report import (generations_markdown, plot_plan, plot_vs_blocks, recovery_table, results_table,
+                         variant_label, write_recovery, write_table)
     from .provenance import atomic_path
 
     def as_list(value) -> list[str]:
@@ -379,8 +383,23 @@ def report_stage(entries: list[dict], plans: list[dict], outputs: dict, provenan
                  "it, acc for WinoGrande); retention = mean_acc / dense mean_acc; speedups: compressed over dense, "
                  "medians of timed runs in one process (interleaved rounds unless evaluation.speed.interleave is "
                  "false); ideal_speedup = L / (L - k)")
+    if table["recovered_from"].notna().any():
+        notes.append("method {source}+{recovery}: the source model (recovered_from) after that recovery: setting, "
+                     "right below its source; its choice and compression columns are the source's, recovery_seconds "
+                     "is the tuning; a recovered dense model is not timed (the dense architecture); the change "
+                     "against the source in every column: recovery.md")
     write_table(table, outputs["csv"], outputs["markdown"], title="flattengpt results", notes=notes)
     log.info("results table: %d rows x %d columns", *table.shape)
+    if outputs.get("recovery_csv"):
+        deltas = recovery_table(table)
+        write_recovery(deltas, as_list(outputs["recovery_csv"])[0], as_list(outputs["recovery_markdown"])[0],
+                       notes=["delta = recovered - source, delta % relative to the source; source: the same model, "
+                              "calibration and target without recovery (the dense model for dense+{recovery})",
+                              "± stderr (task accuracies): sqrt(se_source^2 + se_recovered^2), ignoring that both "
+                              "models answer the same items",
+                              "better: perplexity and decode latency lower, accuracies, retention and throughput "
+                              "higher; empty where a column has no direction"])
+        log.info("recovery table: %d recovered models", deltas["recovered"].nunique())
 
     for path in as_list(outputs.get("perplexity", [])):
         corpus = Path(path).stem.removeprefix("perplexity_")
@@ -419,6 +438,7 @@ def report_stage(entries: list[dict], plans: list[dict], outputs: dict, provenan
 
 
 def _entry_files(entry: dict) -> list[str]:
-    files = [entry.get("model_json"), entry.get("compression_json"), entry.get("plan_json"), entry.get("speed"),
-             entry.get("generations"), *entry.get("perplexity", {}).values(), *entry.get("zero_shot", {}).values()]
+    files = [entry.get("model_json"), entry.get("compression_json"), entry.get("plan_json"), entry.get("recovery_json"),
+             entry.get("speed"), entry.get("generations"), *entry.get("perplexity", {}).values(),
+             *entry.get("zero_shot", {}).values()]
     return [f for f in files if f and Path(f).is_file()]

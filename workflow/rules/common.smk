@@ -120,6 +120,8 @@ def report_plan_figures():
 def report_outputs():
     outputs = ["results/report/results.csv", "results/report/results.md", "results/report/generations.md",
                "results/report/report.json"]
+    if recovered_variants():
+        outputs += ["results/report/recovery.csv", "results/report/recovery.md"]
     outputs += [f"results/report/perplexity_{corpus}.png" for corpus in config["evaluation"]["perplexity"]["corpora"]]
     if config["evaluation"]["zero_shot"]["tasks"]:
         outputs.append("results/report/accuracy.png")

@@ -5,7 +5,7 @@ rule report:
     """Gather every result into results/report/: table (CSV + Markdown), plots, sample generations."""
     input:
         evaluations=[f for model, variant in evaluated_variants() for f in evaluation_outputs(model, variant)],
-        checkpoints=[f"results/{model}/{variant}/model" for model, variant in compressed_variants()],
+        checkpoints=[f"results/{model}/{variant}/model" for model, variant in compressed_variants() + recovered_variants()],
         plans=[path for plan in report_plans() for path in plan["plan_jsons"].values()],
         cosine=[plan["cosine_csv"] for plan in report_plans()],
     output:
@@ -24,6 +24,9 @@ rule report:
                              category="2. Plots", labels={"figure": "validated lambda per group"})]
                      if validated_lambda_methods() else [],
         lambda_picks_csv=["results/report/lambda_picks.csv"] if validated_lambda_methods() else [],
+        recovery_csv=[report("results/report/recovery.csv", caption="../report/recovery.rst", category="1. Results")]
+                     if recovered_variants() else [],
+        recovery_markdown=["results/report/recovery.md"] if recovered_variants() else [],
         plan_figures=[report(plan["figure"], caption="../report/plan.rst", category="4. Plans",
                              labels={"model": plan["model"], "calibration": plan["calibration"],
                                      "target": plan["target"]})

@@ -272,7 +272,8 @@ def _settings(stage, wildcards, input, shapes):
     from flattengpt.sizing import Settings
 
     calib = config["calibration"][wildcards.calib] if "calib" in wildcards.keys() else None
-    method = config["methods"][wildcards.method] if "method" in wildcards.keys() else None
+    # a recovered model ({method}+{recovery}, e.g. its speed job) is sized with its source method's settings
+    method = config["methods"][wildcards.method.partition("+")[0]] if "method" in wildcards.keys() else None
     k, m = _removed_and_group_size(wildcards, input, shapes)
     settings = Settings.from_config(config, calibration=calib, method=method, remove_blocks=k, group_size=m)
     if "recovery" in wildcards.keys():

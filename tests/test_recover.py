@@ -278,3 +278,23 @@ def test_recovery_settings_are_checked_at_config_time(recovery, evaluation_dense
         errors = []
         _check_recovery(_workflow_config(**fine), errors)
         assert errors == [], fine
+
+
+def test_recover_stage_tunes_the_dense_model_on_device_auto(model_dir, tmp_path):
+    """The workflow's path: compute.device auto (its default) and no checkpoint input (rule recover_dense)."""
+    from flattengpt.provenance import write_json
+    from flattengpt.stages import _evaluated, recover_stage
+
+    model_json = tmp_path / "model.json"
+    write_json(model_json, {"path": str(model_dir), "fingerprint": "f" * 64})
+    settings = {"data": {"source": "embedded", "name": "shakespeare-calibration"}, **TINY, "max_steps": 1,
+                "val_fraction": 0.0}
+    out = tmp_path / "dense+heal" / "model"
+    record = recover_stage(model_json, None, settings, {"device": "auto", "dtype": "float32", "batch_size": 8},
+                           tmp_path / "state", out, {"rule": "recover_dense"})
+    assert record["options"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert record["steps"]["total"] == 1 and record["model"]["path"] == str(model_dir)
+    assert record["provenance"]["inputs"]["source"] == "dense" and record["provenance"]["rule"] == "recover_dense"
+    assert not (out / "compression.json").exists() and (out / "recovery.json").is_file()
+    path, inputs = _evaluated(model_json, out)  # what the evaluation stages read
+    assert path == str(out) and inputs["model"] == "recovered dense"

@@ -551,7 +551,8 @@ def recover(model_dir, data, out_dir, *, options: dict | None = None, state_dir=
             stop_after_steps: int | None = None, job_provenance: dict | None = None) -> dict:
     """Recovery-tune the checkpoint in `model_dir` on `data`; write the merged model to `out_dir`.
 
-    `data`: see `load_recovery_data`. `dtype` auto: bfloat16 on CUDA (with gradient checkpointing),
+    `data`: see `load_recovery_data`. `device`: cpu, cuda, cuda:N, mps or auto (cuda when visible).
+    `dtype` auto: bfloat16 on CUDA (with gradient checkpointing),
     float32 elsewhere. `state_dir`: where resume saves go (None: no resume). `stop_after_steps` is a
     test hook: raise RecoveryInterrupted once that many steps are done (after any save).
     `job_provenance`: the workflow job's provenance record, used instead of a bare one. Returns the
@@ -575,7 +576,9 @@ def recover(model_dir, data, out_dir, *, options: dict | None = None, state_dir=
     dataset = load_recovery_data(spec, tokenizer, options)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
-    device = torch.device(device)
+    from .blockwise import resolve_device
+
+    device = resolve_device(str(device))  # auto (the workflow's compute.device default): cuda when visible
     torch_dtype = _resolve_dtype(dtype, device)
     fingerprint = Checkpoint(model_dir).fingerprint()
     n_train, bs, mbs = len(dataset.train), options["batch_size"], options["micro_batch_size"]

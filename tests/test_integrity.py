@@ -127,6 +127,8 @@ def test_forced_by_reads_snakemakes_force_options():
 def test_the_rebuild_command_is_the_runs_own_without_dry_run(monkeypatch):
     monkeypatch.setenv("FLATTENGPT_COMMAND", "/venv/bin/snakemake --cores 8 --profile slurm -n")
     assert rebuild_command("results/a b") == "snakemake --cores 8 --profile slurm --forcerun 'results/a b'"
+    monkeypatch.setenv("FLATTENGPT_COMMAND", "/v/lib/python3.11/site-packages/snakemake/__main__.py --cores 2")
+    assert rebuild_command("x") == "snakemake --cores 2 --forcerun x"
     monkeypatch.delenv("FLATTENGPT_COMMAND")
     assert rebuild_command("x", "y") == "snakemake --cores 2 --forcerun x y"
 

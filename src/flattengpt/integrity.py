@@ -161,7 +161,8 @@ def rebuild_command(*artifacts: str | os.PathLike) -> str:
     by the Snakefile) with `--forcerun <artifact>...`, dry-run flags left out."""
     words = shlex.split(os.environ.get("FLATTENGPT_COMMAND", "")) or ["snakemake", "--cores", "2"]
     words = [w for w in words if w not in ("-n", "--dry-run", "--dryrun")]
-    words[0] = Path(words[0]).name if words[0].endswith("snakemake") else words[0]
+    if words[0].endswith(("snakemake", "snakemake/__main__.py")):  # a venv's entry point, or `python -m snakemake`
+        words[0] = "snakemake"
     return shlex.join(words + ["--forcerun", *[Path(a).as_posix() for a in artifacts]])
 
 

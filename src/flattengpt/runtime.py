@@ -69,17 +69,20 @@ def _refuse_a_repeat(snakemake) -> None:
         except (OSError, json.JSONDecodeError):
             record = {}
         if record.get("run_id") == run_id:
-            raise NotRetriedError(f"not retried: the previous attempt of this job failed on something a retry cannot "
-                             f"change ({record.get('error')}); fix that and run the workflow again")
+            error = str(record.get("error"))
+            if not error.startswith("not retried"):
+                head, _, rest = error.partition("\n")
+                error = (f"not retried: the previous attempt of this job failed on something a retry cannot change "
+                         f"({head}); fix that and run the workflow again" + (f"\n{rest}" if rest else ""))
+            raise NotRetriedError(error)
     if record_path.exists():
         record_path.unlink()
 
     def record_deterministic_failure(kind, error, traceback):
         if run_id and issubclass(kind, DETERMINISTIC_ERRORS):
             try:
-                text = error.args[0] if isinstance(error, NotRetriedError) and error.args else f"{kind.__name__}: {error}"
-                record_path.write_text(json.dumps({"run_id": run_id, "rule": snakemake.rule,
-                                                   "error": text.splitlines()[0] if text else kind.__name__}))
+                text = str(error) if isinstance(error, NotRetriedError) else f"{kind.__name__}: {error}"
+                record_path.write_text(json.dumps({"run_id": run_id, "rule": snakemake.rule, "error": text}))
             except OSError:
                 pass
         previous_hook(kind, error, traceback)
@@ -108,17 +111,19 @@ def verify_inputs(snakemake) -> None:
     before the stage reads it; all damaged inputs are reported at once."""
     from .integrity import IntegrityError, artifact_problems, damage_report, read_manifest
 
-    limit, reports = _hash_limit(snakemake), []
+    limit, damaged, reports = _hash_limit(snakemake), [], []
     for path in dict.fromkeys(_paths(snakemake.input)):
         manifest = read_manifest(path)
         if manifest is None and Path(path).parts[:1] != ("results",):
             continue  # a user's file (text, plan file, task data): checked at config time
         problems = artifact_problems(path, limit, manifest)
         if problems:
+            damaged.append(f"{path}: {problems[0]}" if len(problems) == 1 else path)
             reports.append(damage_report(path, problems, manifest))
     if reports:
-        raise IntegrityError(f"rule {snakemake.rule}: an input is not what its job wrote; nothing was read\n"
-                             + "\n".join(reports))
+        # the first line (what the console shows, failures.py) names the inputs; then the full reports
+        raise IntegrityError(f"rule {snakemake.rule}: input not what its job wrote, nothing was read: "
+                             + "; ".join(damaged) + "\n" + "\n".join(reports))
 
 
 def start_job(snakemake) -> logging.Logger:

@@ -366,6 +366,14 @@ def restore_plan(config_path: Path, unit: Unit, cores: int, log) -> bool:
         return False
     (ROOT / plan).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(runs_path(plan), ROOT / plan)  # copyfile: a fresh mtime
+    # the jobs that read a plan check it against its manifest (flattengpt.integrity): record the restored copy,
+    # as the plan or search job that wrote it did
+    from flattengpt.integrity import write_manifest
+
+    record = json.loads((ROOT / plan).read_text())
+    rule = "search" if record.get("cost", {}).get("block_forwards") else "plan"
+    write_manifest(ROOT / plan, rule, {"model": unit.model, "calib": unit.calib, "target": unit.target,
+                                       "method": unit.method})
     log.write(f"# restored {plan} from {runs_path(plan).relative_to(ROOT)}\n")
     log.flush()
     return True

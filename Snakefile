@@ -28,28 +28,17 @@ try:
 except ConfigError as err:
     raise WorkflowError(str(err))
 if workflow.is_main_process:
-    import os
-    import shlex
-    import uuid
-
     from flattengpt.config import device_warning
-    from flattengpt.integrity import forced_by, hash_limit, refusal, scan_results
+    from flattengpt.integrity import start_run
 
     warning = device_warning(config)  # an error on the node that runs the job (blockwise.resolve_device)
     if warning:
         print(f"Warning: {warning}", file=sys.stderr)
-    # Inherited by every job: the run's id (a retry of a job that failed on a bad input in this run
-    # stops at once, runtime.py) and the command line (damage reports say how to rebuild, integrity.py).
-    os.environ["FLATTENGPT_RUN_ID"] = uuid.uuid4().hex
-    os.environ["FLATTENGPT_COMMAND"] = shlex.join(sys.argv)
-    # Nothing damaged passes for finished: every artifact under results/ against its manifest.
-    forced, forced_all = forced_by(sys.argv)  # what this run rebuilds anyway
-    # --unlock runs nothing, and the rebuild command needs it after a hard kill: never refuse it
-    unlocking = bool({"--unlock", "--cleanup-metadata", "--cm", "--lint"} & set(sys.argv))
-    damaged = [] if unlocking else scan_results("results", hash_limit(config["integrity"]["hash_max_mb"]),
-                                                forced, forced_all)
-    if damaged:
-        raise WorkflowError(refusal(damaged))
+    # The run's id and command line for its jobs, then every finished artifact under results/ against
+    # its manifest: nothing damaged passes for finished (flattengpt/integrity.py).
+    refused = start_run(sys.argv, config["integrity"]["hash_max_mb"])
+    if refused:
+        raise WorkflowError(refused)
 
 
 include: "workflow/rules/common.smk"

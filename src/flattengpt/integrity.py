@@ -252,6 +252,22 @@ def refusal(damaged: list[tuple[Path, str]]) -> str:
     return "\n".join(lines)
 
 
+def start_run(argv: list[str], hash_max_mb: float | None, root: str | os.PathLike = "results") -> str | None:
+    """What the Snakefile does once per run, in its main process: export the run's id (a retry of a job
+    that failed on a bad input in this run stops at once, runtime.py) and command line (damage reports
+    say how to rebuild) to its jobs, then scan `root`; returns the refusal, or None when all is whole.
+    `--unlock` (which the rebuild command needs after a hard kill) and `--lint` are never refused."""
+    import uuid
+
+    os.environ["FLATTENGPT_RUN_ID"] = uuid.uuid4().hex
+    os.environ["FLATTENGPT_COMMAND"] = shlex.join(argv)
+    if {"--unlock", "--cleanup-metadata", "--cm", "--lint"} & set(argv):
+        return None
+    forced, forced_all = forced_by(argv)  # what this run rebuilds anyway
+    damaged = scan_results(root, hash_limit(hash_max_mb), forced, forced_all)
+    return refusal(damaged) if damaged else None
+
+
 # ----------------------------------------------------------------------------- what a killed job leaves
 
 

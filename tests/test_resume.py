@@ -24,7 +24,7 @@ from .test_workflow import AIR_GAPPED, base_config, snakemake, write_config
 
 pytestmark = pytest.mark.workflow
 
-def kill_when(workdir, targets, saved_enough, timeout=120):
+def kill_when(workdir, targets, saved_enough, timeout=400):
     """Run Snakemake on `targets`; SIGKILL its whole process group once `saved_enough()` is true."""
     # the command test_workflow.snakemake runs, so that the resume is "the same command again"
     # (the speed stage's resume key includes its thread count, which follows --cores)

@@ -1,7 +1,7 @@
 """No damaged artifact passes for a finished one, and a kill at any moment resumes to the same files.
 
-One uninterrupted run of a small full workflow (tiny random llama, flattengpt and drop, perplexity,
-generations, report) is built once for this module. Then:
+One uninterrupted run of a small full workflow (tiny random llama; calibration, activations,
+similarity, plan, compress with `drop`, perplexity, generations, report) is built once for this module. Then:
 
 - **the damage table**: each case copies that finished tree, damages one artifact the way a user
   would meet it (a truncated file, a deleted tokenizer, half a plan, a flipped byte, a deleted or
@@ -45,7 +45,6 @@ pytestmark = [pytest.mark.workflow, pytest.mark.xdist_group("damaged-artifacts")
 RESULTS = Path("results")
 PLAYS = RESULTS / "tiny" / "plays"
 DROP = PLAYS / "k2" / "drop"
-FLAT = PLAYS / "k2" / "flattengpt"
 
 
 def command(workdir) -> list[str]:
@@ -60,6 +59,7 @@ def run(workdir, *args) -> subprocess.CompletedProcess:
 
 def small_config(model) -> dict:
     config = base_config(model)
+    config["methods"] = {"drop": {"method": "drop"}}  # 9 jobs: every stage once, the run stays short
     config["evaluation"]["dense"] = False
     config["evaluation"]["speed"]["enabled"] = False
     return config
@@ -135,10 +135,10 @@ DAMAGES = {
                                   DROP / "plan.json", "plan", "(truncated)"),
     "checkpoint without tokenizer.json": (first("results/tiny/plays/k2/drop/model/tokenizer.json"), Path.unlink,
                                           DROP / "model", "compress", "tokenizer.json"),
-    "checkpoint without compression.json": (first("results/tiny/plays/k2/flattengpt/model/compression.json"),
-                                            Path.unlink, FLAT / "model", "compress", "compression.json"),
-    "checkpoint shard cut in half": (first("results/tiny/plays/k2/flattengpt/model/*.safetensors"), truncate,
-                                     FLAT / "model", "compress", "(truncated)"),
+    "checkpoint without compression.json": (first("results/tiny/plays/k2/drop/model/compression.json"),
+                                            Path.unlink, DROP / "model", "compress", "compression.json"),
+    "checkpoint shard cut in half": (first("results/tiny/plays/k2/drop/model/*.safetensors"), truncate,
+                                     DROP / "model", "compress", "(truncated)"),
     "checkpoint shard flipped byte": (first("results/tiny/plays/k2/drop/model/*.safetensors"), flip_byte,
                                       DROP / "model", "compress", "recorded content"),
     "perplexity result truncated": (first("results/tiny/plays/k2/drop/eval/perplexity/tragedies.json"), truncate,

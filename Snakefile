@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 from flattengpt.config import ConfigError, validate_config
+from flattengpt.integrity import dry_run
 
 min_version("9.0")
 
@@ -23,11 +24,15 @@ report: "workflow/report/workflow.rst"
 
 
 # Schema (with defaults) and semantic checks, all problems at once, before any job starts.
+config_warnings = []
 try:
-    validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
+    validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml",
+                    dry_run=dry_run(sys.argv), warnings=config_warnings)
 except ConfigError as err:
     raise WorkflowError(str(err))
 if workflow.is_main_process:
+    for warning in config_warnings:
+        print(f"Warning: {warning}", file=sys.stderr)
     from flattengpt.config import device_warning
     from flattengpt.integrity import start_run
 

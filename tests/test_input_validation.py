@@ -208,3 +208,32 @@ def test_a_local_model_whose_config_json_does_not_parse_is_refused_naming_it(tmp
     (model / "config.json").write_text('{"model_type": "llama",')
     message = refused(config_with(model={"source": "local", "path": str(model)}))
     assert f"models.m.path: {model / 'config.json'} is not valid JSON" in message
+
+
+def test_a_dry_run_sizes_a_model_from_config_json_alone_and_warns_what_a_run_refuses(tmp_path):
+    """`snakemake -n` before the download (the README's sizing): config.json is enough; the same
+    directory is refused by a real run, and a directory without config.json by both."""
+    from .models_for_tests import make_model_with_tokenizer
+
+    model = make_model_with_tokenizer(tmp_path, "llama")
+    for name in ("model.safetensors", "tokenizer.json"):
+        (model / name).unlink()
+    config = config_with(model={"source": "local", "path": str(model)})
+    warnings = []
+    validate_config(json.loads(json.dumps(config)), SCHEMA, dry_run=True, warnings=warnings)
+    assert len(warnings) == 1 and warnings[0].startswith(f"models.m.path: {model}")
+    assert "has no safetensors weights" in warnings[0] and "a real run refuses this" in warnings[0]
+    assert "has no safetensors weights" in refused(json.loads(json.dumps(config)))
+    (model / "config.json").unlink()
+    with pytest.raises(ConfigError, match="no config.json"):
+        validate_config(config, SCHEMA, dry_run=True, warnings=[])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["snakemake", "-n"], True), (["snakemake", "--dry-run", "--cores", "2"], True),
+    (["snakemake", "-np", "--profile", "slurm"], True), (["snakemake", "--cores", "2"], False),
+    (["snakemake", "-c2", "-p"], False), (["snakemake", "--configfile", "n.yaml"], False)])
+def test_dry_run_is_read_from_the_command_line(argv, expected):
+    from flattengpt.integrity import dry_run
+
+    assert dry_run(argv) is expected

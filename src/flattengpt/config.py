@@ -70,14 +70,18 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     return f"{where}: {error.message}" + (f" ({hint.strip()})" if hint else "")
 
 
-def validate_config(config: dict, schema_path: str | Path) -> dict:
-    """Fill schema defaults into `config` in place, then raise ConfigError listing every problem."""
+def validate_config(config: dict, schema_path: str | Path, dry_run: bool = False,
+                    warnings: list[str] | None = None) -> dict:
+    """Fill schema defaults into `config` in place, then raise ConfigError listing every problem.
+    `dry_run`: a plan of the jobs, which reads no weights, so a local model directory needs only its
+    config.json (sizing a 70B run before the download); what a real run would refuse is appended to
+    `warnings` instead."""
     schema = yaml.safe_load(Path(schema_path).read_text())
     validator = _with_defaults(jsonschema.validators.validator_for(schema))(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         raise ConfigError([_schema_message(e) for e in errors])
-    check_config(config)
+    check_config(config, dry_run=dry_run, warnings=warnings)
     return config
 
 
@@ -133,7 +137,8 @@ def max_removable(num_layers: int, max_group_size: int | None, protect_first: bo
     return free - groups
 
 
-def _check_model(name: str, spec: dict, errors: list[str]) -> None:
+def _check_model(name: str, spec: dict, errors: list[str], dry_run: bool = False,
+                 warnings: list[str] | None = None) -> None:
     where = f"models.{name}"
     errors_before = len(errors)
     source = spec.get("source")
@@ -148,7 +153,15 @@ def _check_model(name: str, spec: dict, errors: list[str]) -> None:
         else:
             from .checkpoint import model_dir_problems
 
-            errors.extend(f"{where}.path: {problem}" for problem in model_dir_problems(Path(path).expanduser()))
+            path = Path(path).expanduser()
+            problems = [f"{where}.path: {problem}" for problem in model_dir_problems(path)]
+            if dry_run and problems and (path / "config.json").is_file():
+                # a dry run reads config.json alone (shapes for the plan and the resources)
+                if warnings is not None:
+                    warnings.extend(f"{p} (a dry run needs only config.json; a real run refuses this)"
+                                    for p in problems)
+            else:
+                errors.extend(problems)
     elif source == "hub":
         if not spec.get("id"):
             errors.append(f"{where}.id: missing; set it to a hub id such as meta-llama/Llama-2-7b-hf")
@@ -322,11 +335,11 @@ def device_warning(config: dict) -> str | None:
             "(--profile slurm) are fine; jobs run here will fail. For a local run set compute.device: auto or cpu")
 
 
-def check_config(config: dict) -> None:
-    """Raise ConfigError listing every problem in a (schema-validated) config."""
+def check_config(config: dict, dry_run: bool = False, warnings: list[str] | None = None) -> None:
+    """Raise ConfigError listing every problem in a (schema-validated) config (`dry_run`: see validate_config)."""
     errors: list[str] = []
     for name, spec in config.get("models", {}).items():
-        _check_model(name, spec, errors)
+        _check_model(name, spec, errors, dry_run, warnings)
     for name, spec in config.get("calibration", {}).items():
         _check_calibration(name, spec, errors)
 

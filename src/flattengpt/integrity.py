@@ -243,6 +243,17 @@ def forced_by(argv: list[str]) -> tuple[set[str], bool]:
     return targets, forceall
 
 
+def dry_run(argv: list[str]) -> bool:
+    """Whether a Snakemake command line is a dry run (-n, --dry-run, or -n among combined short flags
+    such as -np): read from argv because the Snakefile is read before Snakemake's settings are."""
+    for word in argv[1:]:
+        if word in ("--dry-run", "--dryrun"):
+            return True
+        if re.fullmatch(r"-[A-Za-z]+", word) and "n" in word:
+            return True
+    return False
+
+
 def refusal(damaged: list[tuple[Path, str]]) -> str:
     """The workflow's message when `scan_results` found damage: every report, then one command for all."""
     lines = [f"{len(damaged)} finished artifact(s) under results/ differ from what their jobs recorded; "

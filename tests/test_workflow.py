@@ -187,8 +187,7 @@ def test_workflow_on_stories260k_and_incremental_reruns(tmp_path):
     assert planned_jobs(tmp_path) == {"calibration": 1, "activations": 1, "similarity": 1, "plan": 2, "compress": 2,
                                       **{k: 2 * v for k, v in evaluations.items()}, "report": 1, "all": 1}, \
         "new calibration data re-evaluates the compressed models, never the dense one"
-    snakemake(tmp_path)
-    assert_outputs(tmp_path, num_layers=5, n_samples=5, seq_len=32)
+    # (executing these plans is what the kill-and-resume tests do; here the plans themselves are the subject)
 
 
 def test_workflow_on_random_qwen2(tmp_path):
@@ -199,7 +198,10 @@ def test_workflow_on_random_qwen2(tmp_path):
     config["methods"]["flatten-only"] = {"method": "flatten-only"}
     config["methods"]["flattengpt-original"] = {"method": "flattengpt", "compensation_target": "original",
                                                 "lambda_factor": "auto", "attn_compensation": True}
-    config["evaluation"]["speed"]["enabled"] = False  # timed in the stories run; 8 speed jobs cost a CI minute
+    # the Qwen2 adapter's checkpoints are loaded and run by assert_outputs; perplexity and speed of every
+    # stage are the llama runs' (17 more evaluation jobs cost CI minutes here)
+    config["evaluation"] = {"dense": False, "perplexity": {"corpora": {}}, "speed": {"enabled": False},
+                            "generation": {"prompts": ["Once upon a time"], "max_new_tokens": 2}}
     write_config(tmp_path, config)
     snakemake(tmp_path)
     plan = assert_outputs(tmp_path, num_layers=6, n_samples=6, seq_len=32)
@@ -245,20 +247,9 @@ def test_every_baseline_runs_through_the_plan_and_search_rules(tmp_path):
     config["methods"]["laco-code"] = {"method": "laco", "rule": "code", "merge_layers": 2, "interval": 1}
     config["evaluation"] = {"dense": False, "perplexity": {"corpora": {}}, "speed": {"enabled": False},
                             "generation": {"prompts": ["Once upon a time"], "max_new_tokens": 2}}
-    # a short LoRA recovery of one method's output, evaluated as one more model
-    config["recovery"] = {"heal": {"data": {"source": "embedded", "name": "shakespeare-calibration"},
-                                   "methods": ["shortgpt"], "max_steps": 2, "batch_size": 4, "micro_batch_size": 2,
-                                   "cutoff_len": 32, "save_every": 1, "eval_every": 0, "log_every": 1}}
     write_config(tmp_path, config)
     snakemake(tmp_path)
     root = tmp_path / "results" / "tiny" / "plays" / "k2"
-    recovered = root / "shortgpt+heal" / "model"
-    assert_loadable(recovered, 4)
-    recovery = json.loads((recovered / "recovery.json").read_text())
-    assert recovery["steps"]["total"] == 2 and recovery["provenance"]["rule"] == "recover"
-    assert (recovered / "adapter").is_dir() and (recovered / "curve.csv").is_file()
-    assert (root / "shortgpt+heal" / "eval" / "generations.json").is_file()
-    assert not (root / ".resume" / "recover.shortgpt+heal").exists(), "the resume state goes with success"
     ops = {"sleb": {"keep"}, "shortgpt": {"keep"}, "laco-code": {"keep", "merge"}, "replaceme": {"keep", "patch"},
            "flattengpt-trial": {"keep", "flatten"}}
     for name, allowed in ops.items():
@@ -275,7 +266,7 @@ def test_every_baseline_runs_through_the_plan_and_search_rules(tmp_path):
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "results" / "report" / "results.csv")
-    assert sorted(table.method) == sorted([*ops, "shortgpt+heal"])
+    assert sorted(table.method) == sorted(ops)
     assert (table.set_index("method").loc[["sleb", "laco-code"], "choice_block_forwards"] > 0).all()
     assert list((tmp_path / "results" / "report" / "plans").glob("*.png"))
     assert_lambda_picks(tmp_path, "replaceme", {"map"})
@@ -312,7 +303,12 @@ def test_recovery_of_a_compressed_and_the_dense_model_reported_against_their_sou
     perplexity = json.loads((results / "dense+heal" / "eval" / "perplexity" / "tragedies.json").read_text())
     assert perplexity["provenance"]["inputs"]["model"] == "recovered dense"
     assert not (results / "plays" / "k1" / "drop+heal").exists(), "targets: [k2] leaves k1 alone"
-    assert_loadable(results / "plays" / "k2" / "drop+heal" / "model", 2)
+    recovered = results / "plays" / "k2" / "drop+heal" / "model"
+    assert_loadable(recovered, 2)
+    recovery = json.loads((recovered / "recovery.json").read_text())
+    assert recovery["steps"]["total"] == 2 and recovery["provenance"]["rule"] == "recover"
+    assert (recovered / "adapter").is_dir() and (recovered / "curve.csv").is_file()
+    assert not (results / "plays" / "k2" / ".resume" / "recover.drop+heal").exists()
 
     report = tmp_path / "results" / "report"
     table = pd.read_csv(report / "results.csv")
@@ -393,7 +389,7 @@ def test_killed_activations_stage_resumes_where_it_stopped(tmp_path):
     assert not acts.exists(), "a killed stage leaves no output that looks complete"
 
     snakemake(tmp_path, "--unlock")
-    snakemake(tmp_path)
+    snakemake(tmp_path, "results/tiny/plays/activations")  # the stages after it are not this test's subject
     manifest = json.loads((acts / "manifest.json").read_text())
     assert manifest["resumed_from_layer"] >= killed_at
     log = (tmp_path / "results" / "tiny" / "plays" / "logs" / "activations.log").read_text()

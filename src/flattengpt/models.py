@@ -17,6 +17,7 @@ weights went through 4-bit quantisation, so its scores are not the published Smo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -171,13 +172,29 @@ def embedded_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     """`<cache>/models/<name>`, converted on first use."""
     _embedded_entry(name)
     path = Path(cache_dir or default_cache_dir()) / "models" / name
-    if (path / "config.json").is_file() and (path / EMBEDDED_MARKER).is_file():
-        damage = embedded_damage(path)
-        if not damage:
-            return path
+    if _whole_embedded_copy(name, path, quiet=True):
+        return path
+    # Two processes sharing a cache (two workflows, two test workers) would both convert and the second
+    # rename would replace the directory under the first one's reader: one converts, the others wait.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if _whole_embedded_copy(name, path):  # converted while this process waited
+                return path
+            return materialize_embedded(name, path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _whole_embedded_copy(name: str, path: Path, quiet: bool = False) -> bool:
+    if not ((path / "config.json").is_file() and (path / EMBEDDED_MARKER).is_file()):
+        return False
+    damage = embedded_damage(path)
+    if damage and not quiet:
         print(f"[{name}] the converted copy in {path} is damaged ({'; '.join(damage)}): converting it again",
               file=sys.stderr)
-    return materialize_embedded(name, path)
+    return not damage
 
 
 def embedded_damage(path: Path) -> list[str]:

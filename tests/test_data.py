@@ -209,3 +209,23 @@ def test_build_calibration_records_how_windows_were_made(tmp_path, stories_token
     assert len(info["starts"]) == 6 and info["bos_added"] is True
     assert info["n_tokens_in_corpus"] > 6 * 32
     json.dumps(info)  # storable as safetensors metadata
+
+
+def test_tokenizing_a_prefix_gives_exactly_the_first_ids_of_the_whole_text(tmp_path):
+    """tokenize(max_tokens=n) stops after the piece that reaches n: its ids are the whole text's first ones."""
+    from transformers import AutoTokenizer
+
+    from flattengpt.data import CHUNK_CHARS, text_chunks, tokenize
+
+    from .models_for_tests import make_model_with_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(make_model_with_tokenizer(tmp_path, "llama"))
+    paragraph = "It was the best of times, it was the worst of times, it was the age of wisdom.\n\n"
+    text = paragraph * (3 * CHUNK_CHARS // len(paragraph))  # three or four pieces
+    assert len(text_chunks(text)) >= 3
+    whole = tokenize(tokenizer, text)
+    first_piece = tokenize(tokenizer, text_chunks(text)[0])
+    prefix = tokenize(tokenizer, text, max_tokens=first_piece.numel() + 1)  # needs the second piece, not the rest
+    assert torch.equal(prefix, whole[: prefix.numel()])
+    assert first_piece.numel() < prefix.numel() < whole.numel()
+    assert torch.equal(tokenize(tokenizer, text, max_tokens=10 * whole.numel()), whole)

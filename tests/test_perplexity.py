@@ -75,7 +75,8 @@ def test_stage_on_a_text_file_matches_direct_windows(tmp_path):
 
     record = perplexity_stage(tmp_path / "model.json", None, "text", {"source": "local", "path": str(tmp_path / "text.txt")},
                               {**options, "max_windows": 2}, {"device": "cpu", "dtype": "float32"}, tmp_path / "p2.json", {})
-    assert record["n_windows"] == 2
+    assert record["n_windows"] == 2  # the first two windows of the whole text's ids, from a tokenised prefix
+    assert record["perplexity"] == pytest.approx(direct_perplexity(model_dir, eval_windows(ids, 32, 2)), rel=1e-5)
 
     with pytest.raises(ValueError, match="evaluation.perplexity.seq_len"):
         perplexity_stage(tmp_path / "model.json", None, "text", {"source": "local", "path": str(tmp_path / "text.txt")},

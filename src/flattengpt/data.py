@@ -315,15 +315,19 @@ def prepends_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
     """1-D token ids of `text`, with one BOS in front if the tokenizer adds it by default.
 
     Tokenised in ~100k-character pieces split at blank lines: one call on a multi-megabyte string
     is slow and memory hungry. Pieces are tokenised without special tokens, so the only special
-    token is that one BOS (`prepends_bos` says whether it is there).
+    token is that one BOS (`prepends_bos` says whether it is there). Each piece is tokenised on its
+    own, so with `max_tokens` the pieces after the one that reaches it are skipped and the ids are
+    exactly a prefix of the whole text's (at least `max_tokens` long where the text has them).
     """
     ids: list[int] = [tokenizer.bos_token_id] if prepends_bos(tokenizer) else []
     for piece in text_chunks(text):
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
         # verbose=False: the "longer than model_max_length" warning is moot, we cut windows later.
         ids.extend(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
     return torch.tensor(ids, dtype=torch.long)

@@ -264,9 +264,13 @@ def perplexity_stage(model_json: str | Path, model_dir: str | Path | None, corpu
                          f"({max_positions}); lower it")
     tokenizer = AutoTokenizer.from_pretrained(path)
     text, text_info = load_text(spec)
-    ids = tokenize(tokenizer, text)
-    windows = eval_windows(ids, seq_len, options.get("max_windows"))
-    log.info("perplexity on %s: %d tokens -> %d windows of %d", corpus, ids.numel(), windows.shape[0], seq_len)
+    max_windows = options.get("max_windows")
+    # with max_windows, only the text those windows need is tokenised (a prefix of the same ids)
+    ids = tokenize(tokenizer, text, max_tokens=None if max_windows is None else max_windows * seq_len)
+    whole = max_windows is None or ids.numel() < max_windows * seq_len
+    windows = eval_windows(ids, seq_len, max_windows)
+    log.info("perplexity on %s: %s%d tokens -> %d windows of %d", corpus, "" if whole else "the first ",
+             ids.numel(), windows.shape[0], seq_len)
     from .blockwise import resolve_device
 
     device = str(resolve_device(compute["device"]))
@@ -274,7 +278,8 @@ def perplexity_stage(model_json: str | Path, model_dir: str | Path | None, corpu
 
     result = perplexity(path, windows, device=device, dtype=compute["dtype"], batch_size=options["batch_size"],
                         checkpoint_every=checkpoint_every, state_dir=state_dir, fingerprint=json_sha256(inputs))
-    record = {"corpus": corpus, **result, "n_tokens_in_corpus": int(ids.numel()),
+    record = {"corpus": corpus, **result, "n_tokens_in_corpus": int(ids.numel()) if whole else None,
+              "n_tokens_tokenized": int(ids.numel()),
               "max_windows": options.get("max_windows"), "text": text_info, "tokenizer": tokenizer_info(tokenizer),
               "device": device, "dtype": compute["dtype"], "model_dir": path,
               "provenance": {**provenance, "inputs": inputs}}

@@ -55,7 +55,7 @@ def test_embedded_model_architecture_and_record(smollm2_dir):
     assert record["provenance"]["package"]["name"] == "flattengpt"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
         assert (smollm2_dir / name).is_file(), name
-    assert not list(smollm2_dir.parent.glob(f".{EMBEDDED}.*"))  # no half-converted temporaries
+    assert not list(smollm2_dir.parent.glob(f".{EMBEDDED}.*.tmp"))  # no half-converted temporaries
 
 
 def test_embedded_model_is_converted_once(smollm2_dir):

@@ -177,14 +177,11 @@ def embedded_model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     # Two processes sharing a cache (two workflows, two test workers) would both convert and the second
     # rename would replace the directory under the first one's reader: one converts, the others wait.
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{name}.lock", "w") as lock:
+    with open(path.parent / f".{name}.lock", "w") as lock:  # closing the file releases the lock
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if _whole_embedded_copy(name, path):  # converted while this process waited
-                return path
-            return materialize_embedded(name, path)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        if _whole_embedded_copy(name, path):  # converted while this process waited
+            return path
+        return materialize_embedded(name, path)
 
 
 def _whole_embedded_copy(name: str, path: Path, quiet: bool = False) -> bool:

@@ -266,8 +266,9 @@ def perplexity_stage(model_json: str | Path, model_dir: str | Path | None, corpu
     text, text_info = load_text(spec)
     max_windows = options.get("max_windows")
     # with max_windows, only the text those windows need is tokenised (a prefix of the same ids)
-    ids = tokenize(tokenizer, text, max_tokens=None if max_windows is None else max_windows * seq_len)
-    whole = max_windows is None or ids.numel() < max_windows * seq_len
+    needed = None if max_windows is None else max_windows * seq_len
+    ids = tokenize(tokenizer, text, max_tokens=needed)
+    whole = needed is None or ids.numel() < needed
     windows = eval_windows(ids, seq_len, max_windows)
     log.info("perplexity on %s: %s%d tokens -> %d windows of %d", corpus, "" if whole else "the first ",
              ids.numel(), windows.shape[0], seq_len)

@@ -70,7 +70,8 @@ def use_config(path: Path) -> None:
     if path != CONFIG.resolve():
         RUNS, WORK = path.parent / "runs", Path("results") / path.parent.name
 LOW_PRIORITY = ("laco-code", "slm-code")  # run last within every phase
-PHASES = {1: "first calibration perplexity", 2: "other calibrations perplexity", 3: "first calibration zero-shot"}
+PHASES = {1: "first calibration perplexity", 2: "other calibrations perplexity", 3: "first calibration zero-shot",
+          4: "recovered models (first calibration): perplexity, then zero-shot"}
 
 
 # ----------------------------------------------------------------------------- the units
@@ -81,7 +82,7 @@ class Unit:
     phase: int
     kind: str                  # "ppl" or "zs"
     model: str
-    method: str                # "dense" or a methods: name
+    method: str                # "dense", a methods: name, or {method}+{recovery} for a recovered model
     calib: str | None = None
     target: str | None = None
     targets: list[str] = field(default_factory=list)    # what Snakemake is asked for (paths under ROOT)
@@ -101,8 +102,29 @@ class Unit:
         return f"{self.kind}.{self.variant.replace('/', '.')}"
 
     @property
+    def source(self) -> str:
+        """The compression method whose plan (and checkpoint) the model comes from: flattengpt for flattengpt+heal."""
+        return self.method.partition("+")[0]
+
+    @property
+    def recovery(self) -> str | None:
+        return self.method.partition("+")[2] or None
+
+    @property
+    def source_variant(self) -> str:
+        return "dense" if self.method == "dense" else f"{self.calib}/{self.target}/{self.source}"
+
+    @property
     def checkpoint(self) -> str | None:
         return None if self.method == "dense" else f"results/{self.model}/{self.variant}/model"
+
+    @property
+    def needs(self) -> list[str]:
+        """The checkpoints in results/ this unit reads: its own, and a recovered model's source (the recover job's input)."""
+        if self.method == "dense":
+            return []
+        own = [self.checkpoint]
+        return own + [f"results/{self.model}/{self.source_variant}/model"] if self.recovery else own
 
 
 def load_config(path: Path = CONFIG) -> dict:
@@ -113,6 +135,21 @@ def method_order(config: dict, methods: list[str] | None = None) -> list[str]:
     names = list(config["methods"])
     ordered = [m for m in names if m not in LOW_PRIORITY] + [m for m in names if m in LOW_PRIORITY]
     return [m for m in ordered if methods is None or m in methods]
+
+
+def recovered_methods(config: dict) -> list[tuple[str, str, str]]:
+    """(target, source method, recovered method name) of every recovery: setting, in config order.
+
+    A setting's `methods`/`targets` (null: all) as the workflow reads them; `dense: true` is not a unit here.
+    """
+    out = []
+    for name, setting in (config.get("recovery") or {}).items():
+        methods = setting.get("methods")
+        targets = setting.get("targets")
+        for target in (list(config["targets"]) if targets is None else targets):
+            for method in (method_order(config) if methods is None else methods):
+                out.append((target, method, f"{method}+{name}"))
+    return out
 
 
 def runs_path(result_path: str) -> Path:
@@ -134,25 +171,31 @@ def all_units(config: dict, methods: list[str] | None = None) -> list[Unit]:
     def ppl(phase: int, calib: str | None, target: str | None, method: str) -> Unit:
         unit = Unit(phase, "ppl", model, method, calib, target)
         run = f"{base_model}/{unit.variant}"
+        plan = f"{base_model}/{unit.source_variant}/plan.json"  # a recovered model's plan is its source's
         evals = [f"{run}/eval/perplexity/{c}.json" for c in corpora] + [f"{run}/eval/generations.json"]
         unit.targets = list(evals)
         unit.required = list(evals) + [f"{base_model}/model.json"]
         if method != "dense":
             cosine = f"{base_model}/{calib}/similarity/cosine.csv"
             unit.targets.append(cosine)
-            unit.required += [f"{run}/plan.json", f"{run}/model/compression.json"]
+            unit.required += [plan, f"{run}/model/compression.json"]
             unit.extra = [f"{base_model}/{calib}/calibration.json", cosine]
+        if unit.recovery:  # the tuning's record and training curve
+            unit.required += [f"{run}/model/recovery.json", f"{run}/model/curve.csv"]
+            unit.extra += [f"{run}/model/curve.png"]
         return unit
 
-    def zs(calib: str | None, target: str | None, method: str) -> Unit:
-        unit = Unit(3, "zs", model, method, calib, target)
+    def zs(phase: int, calib: str | None, target: str | None, method: str) -> Unit:
+        unit = Unit(phase, "zs", model, method, calib, target)
         run = f"{base_model}/{unit.variant}"
         unit.targets = [f"{run}/eval/zero_shot/{t}.json" for t in tasks]
         unit.required = list(unit.targets)
         unit.extra = [f"{base_model}/model.json"]
         if method != "dense":
-            unit.extra += [f"{run}/plan.json", f"{run}/model/compression.json",
+            unit.extra += [f"{base_model}/{unit.source_variant}/plan.json", f"{run}/model/compression.json",
                            f"{base_model}/{calib}/calibration.json"]
+        if unit.recovery:
+            unit.extra += [f"{run}/model/recovery.json", f"{run}/model/curve.csv", f"{run}/model/curve.png"]
         return unit
 
     units: list[Unit] = []
@@ -163,11 +206,21 @@ def all_units(config: dict, methods: list[str] | None = None) -> list[Unit]:
             units += [ppl(1 if index == 0 else 2, calib, t, m) for m in names if want(m) for t in targets]
     if tasks and calibs:
         if want("dense"):
-            units.append(zs(None, None, "dense"))
-        units += [zs(calibs[0], t, m) for m in names if want(m) for t in targets]
+            units.append(zs(3, None, None, "dense"))
+        units += [zs(3, calibs[0], t, m) for m in names if want(m) for t in targets]
+    if calibs:  # phase 4: each recovered model's perplexity, then its zero-shot, one model after another
+        for target, source, method in recovered_methods(config):
+            if want(method):
+                units += ([ppl(4, calibs[0], target, method)] if corpora else []) + \
+                         ([zs(4, calibs[0], target, method)] if tasks else [])
 
-    # priority: phase; dense first; the lower-priority methods last; then target, then method (config order)
+    # priority: phase; dense first; the lower-priority methods last; then target, then method (config order);
+    # in phase 4 the recovered models in recovery: order, each model's perplexity before its zero-shot
+    recovered = [m for _, _, m in recovered_methods(config)]
+
     def key(u: Unit) -> tuple:
+        if u.phase == 4:
+            return (4, recovered.index(u.method), targets.index(u.target), u.kind != "ppl")
         return (u.phase, u.method != "dense", u.method in LOW_PRIORITY,
                 targets.index(u.target) if u.target in targets else -1, names.index(u.method) if u.method in names else -1)
     return sorted(units, key=key)
@@ -183,8 +236,12 @@ def is_done(unit: Unit) -> bool:
 def derived_config(config: dict, unit: Unit) -> Path:
     """The config with only the unit's method and calibration (same params for every job of the unit)."""
     derived = json.loads(json.dumps(config))
+    derived["recovery"] = {}
+    if unit.recovery:  # the source method and the one recovery setting, narrowed to this model
+        setting = config["recovery"][unit.recovery]
+        derived["recovery"] = {unit.recovery: {**setting, "methods": [unit.source], "targets": [unit.target]}}
     if unit.method != "dense":
-        derived["methods"] = {unit.method: config["methods"][unit.method]}
+        derived["methods"] = {unit.source: config["methods"][unit.source]}
         derived["calibration"] = {unit.calib: config["calibration"][unit.calib]}
     else:  # no method is needed: keep one whose module imports, so that validation passes
         name = next((m for m in method_order(config) if importable(config, m) is None), None)
@@ -208,6 +265,7 @@ def importable(config: dict, method: str) -> str | None:
     """None if the method's module imports, else the error (all checked in one subprocess, once)."""
     if method == "dense":
         return None
+    method = method.partition("+")[0]  # a recovered model: its source method
     if not _importable:
         kinds = sorted({spec["method"] for spec in config["methods"].values()})
         code = ("import json, sys\nfrom flattengpt.methods import method_class\nout = {}\n"
@@ -341,8 +399,10 @@ def benchmark_tsvs(unit: Unit) -> list[str]:
     files = []
     if unit.method != "dense":
         files += [f"{bench}/{unit.calib}/activations.tsv", f"{bench}/{unit.calib}/similarity.tsv",
-                  f"{bench}/{unit.calib}/{unit.target}/compress.{unit.method}.tsv",
-                  f"{bench}/{unit.calib}/{unit.target}/search.{unit.method}.tsv"]
+                  f"{bench}/{unit.calib}/{unit.target}/compress.{unit.source}.tsv",
+                  f"{bench}/{unit.calib}/{unit.target}/search.{unit.source}.tsv"]
+        if unit.recovery:
+            files.append(f"{bench}/{unit.calib}/{unit.target}/recover.{unit.method}.tsv")
     variant = f"{bench}/{unit.variant}"
     files += [f"{variant}/{name}" for name in
               (sorted(p.name for p in (ROOT / variant).glob("*.tsv")) if (ROOT / variant).is_dir() else [])]
@@ -357,7 +417,7 @@ def restore_plan(config_path: Path, unit: Unit, cores: int, log) -> bool:
     """
     if unit.method == "dense":
         return False
-    plan = f"results/{unit.model}/{unit.variant}/plan.json"
+    plan = f"results/{unit.model}/{unit.source_variant}/plan.json"
     if (ROOT / plan).is_file() or not runs_path(plan).is_file():
         return False
     upstream = [f"results/{unit.model}/model.json", f"results/{unit.model}/{unit.calib}/tokens.safetensors",
@@ -373,7 +433,7 @@ def restore_plan(config_path: Path, unit: Unit, cores: int, log) -> bool:
     record = json.loads((ROOT / plan).read_text())
     rule = "search" if record.get("cost", {}).get("block_forwards") else "plan"
     write_manifest(ROOT / plan, rule, {"model": unit.model, "calib": unit.calib, "target": unit.target,
-                                       "method": unit.method})
+                                       "method": unit.source})
     log.write(f"# restored {plan} from {runs_path(plan).relative_to(ROOT)}\n")
     log.flush()
     return True
@@ -383,7 +443,7 @@ def search_state(unit: Unit) -> str | None:
     """The resume state of a model-based search (SLEB, LaCo, SLM): a small JSON, saved after every round."""
     if unit.method == "dense":
         return None
-    return f"results/{unit.model}/{unit.calib}/{unit.target}/.resume/search.{unit.method}/state.json"
+    return f"results/{unit.model}/{unit.calib}/{unit.target}/.resume/search.{unit.source}/state.json"
 
 
 def backup_search_state(unit: Unit) -> None:
@@ -395,7 +455,7 @@ def backup_search_state(unit: Unit) -> None:
     state = search_state(unit)
     if state is None:
         return
-    plan = f"results/{unit.model}/{unit.variant}/plan.json"
+    plan = f"results/{unit.model}/{unit.source_variant}/plan.json"
     if runs_path(plan).is_file():
         runs_path(state).unlink(missing_ok=True)
         return
@@ -407,7 +467,7 @@ def backup_search_state(unit: Unit) -> None:
 
 def restore_search_state(unit: Unit, log) -> None:
     state = search_state(unit)
-    plan = f"results/{unit.model}/{unit.variant}/plan.json" if state else None
+    plan = f"results/{unit.model}/{unit.source_variant}/plan.json" if state else None
     if (state is None or (ROOT / state).is_file() or (ROOT / plan).is_file() or runs_path(plan).is_file()
             or not runs_path(state).is_file()):
         return
@@ -457,8 +517,8 @@ def drop_checkpoints(units: list[Unit]) -> None:
     """Delete the compressed checkpoints in results/ whose units are all collected."""
     by_checkpoint: dict[str, list[Unit]] = {}
     for unit in units:
-        if unit.checkpoint:
-            by_checkpoint.setdefault(unit.checkpoint, []).append(unit)
+        for checkpoint in unit.needs:
+            by_checkpoint.setdefault(checkpoint, []).append(unit)
     for checkpoint, needing in by_checkpoint.items():
         if (ROOT / checkpoint).is_dir() and all(is_done(u) for u in needing):
             shutil.rmtree(ROOT / checkpoint)
@@ -487,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
 
     use_config(args.config)
     config = load_config(args.config)
-    known = set(config["methods"]) | {"dense"}
+    known = set(config["methods"]) | {"dense"} | {m for _, _, m in recovered_methods(config)}
     if args.methods and set(args.methods) - known:
         parser.error(f"unknown methods {sorted(set(args.methods) - known)}; known: {sorted(known)}")
     everything = all_units(config)
@@ -529,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix = f"[{index}/{len(pending)}] phase {unit.phase} {unit.name}"
             problem = importable(config, unit.method)
             if problem:
-                print(f"{prefix}: skipped, method {config['methods'][unit.method]['method']} does not import "
+                print(f"{prefix}: skipped, method {config['methods'][unit.source]['method']} does not import "
                       f"({problem})", flush=True)
                 failed.append(unit.name)
                 continue

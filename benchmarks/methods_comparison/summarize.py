@@ -6,11 +6,16 @@ Writes next to this script:
   results.csv, results.md  flattengpt.report.results_table over every evaluated model found in runs/
                            (the workflow's report format; no checkpoints here, so parameters come
                            from the plans and size_on_disk_mb is empty);
+  recovery.csv, recovery.md
+                           flattengpt.report.recovery_table: every recovered model (run.py phase 4)
+                           against its unrecovered source, column by column;
   summary.md               one row per (method, blocks removed): perplexities as the mean over the
                            calibration seeds ± half their spread, zero-shot accuracies of seed 0
                            ± lm-eval's standard error, the mean accuracy, what the choice and the
                            compression cost; then, per column, the winner and how far FlattenGPT
-                           (the `flattengpt` entry, its best setting) is behind it;
+                           (the `flattengpt` entry, its best setting) is behind it (recovered
+                           models are not candidates: they had extra training); then the recovered
+                           models before and after, and the gap between the methods before and after;
   figures/                 the plan overlays (cosine heatmap with every method's plan) per
                            calibration and target, perplexity and accuracy against blocks removed,
                            the sample generations;
@@ -32,10 +37,11 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import CONFIG, PHASES, RUNS, all_units, is_done, load_config, method_order  # noqa: E402
+from run import (CONFIG, PHASES, RUNS, all_units, is_done, load_config, method_order,  # noqa: E402
+                 recovered_methods)
 
-from flattengpt.report import (generations_markdown, plot_plan, plot_vs_blocks, results_table,  # noqa: E402
-                               variant_label, write_table)
+from flattengpt.report import (generations_markdown, plot_plan, plot_vs_blocks, recovery_table,  # noqa: E402
+                               results_table, variant_label, write_recovery, write_table)
 
 REFERENCE = "flattengpt"   # FlattenGPT's best setting: the method whose gaps are reported
 DASH = "–"
@@ -52,24 +58,30 @@ def entries(config: dict) -> list[dict]:
     tasks = list(evaluation.get("zero_shot", {}).get("tasks", []))
     variants = ["dense"] + [f"{c}/{t}/{m}" for c in config["calibration"] for t in config["targets"]
                             for m in method_order(config)]
+    first = next(iter(config["calibration"]))
+    variants += [f"{first}/{t}/{m}" for t, _, m in recovered_methods(config)]  # run.py phase 4
     found = []
     for variant in variants:
         base = RUNS / model / variant
         dense = variant == "dense"
         calib, target, method = (None, None, "dense") if dense else variant.split("/")
+        source, _, recovery = method.partition("+")
         entry = {
             "model": model, "calibration": calib, "target": target, "method": method,
+            "recovered_from": source if recovery else None, "recovery": recovery or None,
+            "recovery_json": str(base / "model" / "recovery.json") if recovery else None,
             "model_json": str(RUNS / model / "model.json"),
             "model_dir": None if dense else str(base / "model"),  # compression.json only: params from the plan
             "compression_json": None if dense else str(base / "model" / "compression.json"),
-            "plan_json": None if dense else str(base / "plan.json"),
+            "plan_json": None if dense else str(RUNS / model / calib / target / source / "plan.json"),
             "perplexity": {c: str(base / "eval" / "perplexity" / f"{c}.json") for c in corpora},
             "zero_shot": {t: str(base / "eval" / "zero_shot" / f"{t}.json") for t in tasks},
             "speed": None,
             "generations": str(base / "eval" / "generations.json"),
         }
-        files = [entry["plan_json"], entry["compression_json"], entry["generations"],
-                 *entry["perplexity"].values(), *entry["zero_shot"].values()]
+        # a recovered model shares its source's plan: it counts as found once something of its own is there
+        files = [entry["recovery_json"] if recovery else entry["plan_json"], entry["compression_json"],
+                 entry["generations"], *entry["perplexity"].values(), *entry["zero_shot"].values()]
         if any(f and Path(f).is_file() for f in files):
             found.append(entry)
     return found
@@ -112,7 +124,12 @@ def summary_rows(config: dict, df: pd.DataFrame) -> list[dict]:
     calibs = list(config["calibration"])
     seed0 = calibs[0]
     rows = []
+    recovered = recovered_methods(config)
     keys = [("dense", None)] + [(m, t) for t in config["targets"] for m in method_order(config)]
+    # each recovered model right after its source
+    for target, source, method in recovered:
+        keys.insert(keys.index((source, target)) + 1 + sum(1 for t, s, _ in recovered[:recovered.index(
+            (target, source, method))] if (t, s) == (target, source)), (method, target))
     for method, target in keys:
         rows_of = df[(df["method"] == method) & ((df["target"] == target) if target else df["target"].isna())]
         k = 0 if method == "dense" else config["targets"][target].get("remove_blocks")
@@ -127,6 +144,9 @@ def summary_rows(config: dict, df: pd.DataFrame) -> list[dict]:
         row["seeds"] = ppl_seeds
         first = rows_of[rows_of["calibration"] == seed0] if method != "dense" else rows_of
         first = first.iloc[0] if len(first) else None
+        row["seed0"] = {f"ppl_{c}": _num(first[f"ppl_{c}"]) if first is not None else math.nan for c in corpora}
+        row["recovery_steps"] = _num(first["recovery_steps"]) if first is not None else math.nan
+        row["recovery_seconds"] = _num(first["recovery_seconds"]) if first is not None else math.nan
         for task in tasks:
             row[task] = _num(first[task]) if first is not None else math.nan
             row[f"{task}_se"] = _num(first[f"{task}_stderr"]) if first is not None else math.nan
@@ -134,6 +154,7 @@ def summary_rows(config: dict, df: pd.DataFrame) -> list[dict]:
         row["mean_acc"] = float(np.mean([row[t] for t in tasks])) if tasks and n_tasks == len(tasks) else math.nan
         row["mean_acc_se"] = (math.sqrt(sum(row[f"{t}_se"] ** 2 for t in tasks)) / len(tasks)
                               if math.isfinite(row["mean_acc"]) else math.nan)
+        row["seed0"]["mean_acc"] = row["mean_acc"]
         for column in ("choice_block_forwards", "choice_seconds", "compression_seconds"):
             values = [_num(v) for v in rows_of[column]] if method != "dense" else []
             values = [v for v in values if math.isfinite(v)]
@@ -179,7 +200,8 @@ def winners_markdown(config: dict, rows: list[dict]) -> str:
     lines = ["| k | column | methods with data | best | best value | flattengpt | flattengpt behind by | noise |",
              "|---:|:---|---:|:---|---:|---:|---:|---:|"]
     for target, spec in config["targets"].items():
-        of_k = [r for r in rows if r["target"] == target]
+        # recovered models had extra training: not candidates here (see the recovery section)
+        of_k = [r for r in rows if r["target"] == target and "+" not in r["method"]]
         for column, spread, digits, better, header in columns(config):
             have = [r for r in of_k if math.isfinite(r[column])]
             if not have:
@@ -211,6 +233,60 @@ def winners_markdown(config: dict, rows: list[dict]) -> str:
                          f"{_fmt(best_value, digits)} | "
                          f"{_fmt(ref_value, digits)} | {gap} | {_fmt(noise, digits)} |")
     return "\n".join(lines) + "\n"
+
+
+def recovery_markdown(config: dict, rows: list[dict]) -> str:
+    """Each recovered model before and after, and how the methods' gap to the best of them changes.
+
+    before = the source method's row (seed 0 for accuracies, the seed mean for perplexity: the
+    recovered model is tuned from the seed-0 checkpoint, so its perplexity is set against the
+    source's seed-0 value), after = the recovered row.
+    """
+    recovered = recovered_methods(config)
+    if not recovered:
+        return "No recovery setting.\n"
+    by_key = {(r["method"], r["target"]): r for r in rows}
+    corpora = list(config["evaluation"]["perplexity"]["corpora"])
+    cols = [(f"ppl_{c}", 2, "low", f"ppl {c}") for c in corpora] + [("mean_acc", 1, "high", "mean acc")]
+    lines = ["| method | k | recovery | " + " | ".join(f"{h} before | {h} after" for _, _, _, h in cols)
+             + " | steps | recovery s |",
+             "|:---|---:|:---|" + "---:|---:|" * len(cols) + "---:|---:|"]
+    seed0 = {}
+    for target, source, method in recovered:
+        before, after = by_key.get((source, target)), by_key.get((method, target))
+        if before is None or after is None:
+            continue
+        seed0[(source, target)] = before.get("seed0", {})
+        k = config["targets"][target].get("remove_blocks")
+        cells = []
+        for column, digits, _, _ in cols:
+            value = before.get("seed0", {}).get(column, before[column])
+            cells += [_fmt(value, digits), _fmt(after[column], digits)]
+        lines.append(f"| {source} | {k} | {method.partition('+')[2]} | " + " | ".join(cells)
+                     + f" | {_fmt(after.get('recovery_steps', math.nan), 0)} | "
+                     f"{_fmt(after.get('recovery_seconds', math.nan), 0)} |")
+    # the gap between the recovered methods of one (target, recovery), before and after
+    gaps = ["", "Gap between the methods recovered with the same setting (first method minus second; "
+            "perplexity: relative, accuracy: points):", ""]
+    pairs = {}
+    for target, source, method in recovered:
+        pairs.setdefault((target, method.partition("+")[2]), []).append((source, method))
+    for (target, recovery), members in pairs.items():
+        for (a, ra), (b, rb) in zip(members, members[1:]):
+            parts = []
+            for column, digits, better, header in cols:
+                va = seed0.get((a, target), {}).get(column, math.nan)
+                vb = seed0.get((b, target), {}).get(column, math.nan)
+                wa = by_key.get((ra, target), {}).get(column, math.nan)
+                wb = by_key.get((rb, target), {}).get(column, math.nan)
+                if better == "low":
+                    fmt = lambda x, y: DASH if not (math.isfinite(x) and math.isfinite(y)) else f"{100 * (x - y) / y:+.1f}%"  # noqa: E731
+                else:
+                    fmt = lambda x, y: DASH if not (math.isfinite(x) and math.isfinite(y)) else f"{x - y:+.1f}"  # noqa: E731
+                parts.append(f"{header} {fmt(va, vb)} before, {fmt(wa, wb)} after")
+            gaps.append(f"- k = {config['targets'][target].get('remove_blocks')}, {recovery}: {a} vs {b}: "
+                        + "; ".join(parts) + ".")
+    return "\n".join(lines + gaps) + "\n"
 
 
 def status_markdown(config: dict) -> str:
@@ -307,6 +383,10 @@ def main(argv: list[str] | None = None) -> None:
     write_table(df, HERE / "results.csv", HERE / "results.md", title="Methods comparison: every evaluated model",
                 notes=notes)
     rows = summary_rows(config, df)
+    if recovered_methods(config):
+        write_recovery(recovery_table(df), HERE / "recovery.csv", HERE / "recovery.md",
+                       notes=["Written by benchmarks/methods_comparison/summarize.py from runs/ "
+                              "(flattengpt.report.recovery_table); speed is off in this benchmark."])
     corpora = list(config["evaluation"]["perplexity"]["corpora"])
     model_json = _read(found[0]["model_json"])
     layers = model_json.get("num_hidden_layers") or model_json.get("num_layers", "?")
@@ -329,6 +409,11 @@ def main(argv: list[str] | None = None) -> None:
         "`noise`: the larger seed half spread of the two (perplexity, cost) or the combined standard "
         "error (accuracy); a gap below it is not a measured difference.", "",
         winners_markdown(config, rows),
+        "### Recovery tuning (phase 4)", "",
+        "Each recovered model (the `recovery:` setting of config.yaml, LoRA on "
+        "`alpaca_data_1k.json`, tuned from the seed-0 checkpoint) before and after: seed-0 values on both "
+        "sides; every column in [recovery.md](recovery.md).", "",
+        recovery_markdown(config, rows),
         "### Cost of each unit run", "",
         "Wall time of each run.py unit on this machine (2 cores, shared with other work: see the load "
         "average); a unit's jobs include whatever of the model, calibration, activations, plan/search "

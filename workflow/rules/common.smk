@@ -108,7 +108,8 @@ def evaluation_outputs(model, variant):
     files = [f"{base}/perplexity/{corpus}.json" for corpus in evaluation["perplexity"]["corpora"]]
     files += [f"{base}/zero_shot/{task}.json" for task in evaluation["zero_shot"]["tasks"]]
     files.append(f"{base}/generations.json")
-    if evaluation["speed"]["enabled"] and "/" in variant:  # compressed (and recovered compressed) models
+    # compressed models; a recovered one has its source's shapes, so it is not timed again (report_entries)
+    if evaluation["speed"]["enabled"] and "/" in variant and "+" not in variant:
         files.append(f"{base}/speed.json")
     return files
 
@@ -451,7 +452,9 @@ def report_entries():
             "recovery_json": f"{base}/model/recovery.json" if recovery else None,
             "perplexity": {c: f"{base}/eval/perplexity/{c}.json" for c in evaluation["perplexity"]["corpora"]},
             "zero_shot": {t: f"{base}/eval/zero_shot/{t}.json" for t in evaluation["zero_shot"]["tasks"]},
-            "speed": f"{base}/eval/speed.json" if evaluation["speed"]["enabled"] and compressed else None,
+            # a recovered model has its source's shapes, hence its speed: the source's timings, not timed again
+            "speed": (f"results/{model}/{calib}/{target}/{source}/eval/speed.json"
+                      if evaluation["speed"]["enabled"] and compressed else None),
             "generations": f"{base}/eval/generations.json",
         })
     return entries

@@ -1,0 +1,79 @@
+"""The methods comparison's resumable driver (benchmarks/methods_comparison/run.py): its units and configs.
+
+run.py turns the benchmark config into units and one narrowed config per unit; a wrong narrowing
+would silently change a job's params (and rerun or mislabel results), so it is checked here
+without running Snakemake.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "benchmarks" / "methods_comparison" / "run.py"
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("mc_run", DRIVER)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "mc_run", module)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "ROOT", tmp_path)      # derived configs and runs/ in a scratch directory
+    monkeypatch.setattr(module, "RUNS", tmp_path / "runs")
+    return module
+
+
+def test_recovered_models_are_phase_4_units_after_everything_else(run):
+    config = run.load_config(run.CONFIG)
+    units = run.all_units(config)
+    phase4 = [u for u in units if u.phase == 4]
+    assert [u.name for u in phase4] == ["ppl wikitext2-seed0/remove-6/flattengpt+alpaca",
+                                        "zs wikitext2-seed0/remove-6/flattengpt+alpaca",
+                                        "ppl wikitext2-seed0/remove-6/shortgpt+alpaca",
+                                        "zs wikitext2-seed0/remove-6/shortgpt+alpaca"]
+    assert units[-4:] == phase4
+    ppl = phase4[0]
+    assert (ppl.source, ppl.recovery, ppl.source_variant) == ("flattengpt", "alpaca", "wikitext2-seed0/remove-6/flattengpt")
+    base = "results/smollm2-135m-mc/wikitext2-seed0/remove-6"
+    # the plan is the source's; the tuning's record and curve are collected with the perplexity unit
+    assert f"{base}/flattengpt/plan.json" in ppl.required
+    assert f"{base}/flattengpt+alpaca/model/recovery.json" in ppl.required
+    assert f"{base}/flattengpt+alpaca/eval/perplexity/tinyshakespeare.json" in ppl.targets
+    # the source checkpoint stays in results/ until the recovered model's units are collected
+    assert ppl.needs == [f"{base}/flattengpt+alpaca/model", f"{base}/flattengpt/model"]
+    assert run.all_units(config, ["shortgpt+alpaca"]) == phase4[2:]
+
+
+def test_a_units_config_keeps_only_its_method_and_recovery(run):
+    config = run.load_config(run.CONFIG)
+    units = {u.name: u for u in run.all_units(config)}
+    recovered = yaml.safe_load(run.derived_config(config, units["zs wikitext2-seed0/remove-6/shortgpt+alpaca"]).read_text())
+    assert list(recovered["methods"]) == ["shortgpt"] and list(recovered["calibration"]) == ["wikitext2-seed0"]
+    setting = recovered["recovery"]["alpaca"]
+    assert setting["methods"] == ["shortgpt"] and setting["targets"] == ["remove-6"]
+    # how it tunes is untouched: the recover job's params are those of the full config
+    how = {k: v for k, v in config["recovery"]["alpaca"].items() if k not in ("methods", "targets")}
+    assert {k: v for k, v in setting.items() if k not in ("methods", "targets")} == how
+    # a unit of an unrecovered method gets no recovery setting (its methods would not exist there)
+    plain = yaml.safe_load(run.derived_config(config, units["ppl wikitext2-seed1/remove-3/drop"]).read_text())
+    assert plain["recovery"] == {} and list(plain["methods"]) == ["drop"]
+    assert plain["methods"]["drop"] == config["methods"]["drop"]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data (the benchmark's calibration and Alpaca files)")
+def test_the_recovered_units_config_is_valid(run, monkeypatch):
+    from flattengpt.config import validate_config
+
+    monkeypatch.chdir(REPO)  # the config's ../shared paths are relative to the repository root
+    config = run.load_config(run.CONFIG)
+    unit = next(u for u in run.all_units(config) if u.recovery)
+    derived = yaml.safe_load(run.derived_config(config, unit).read_text())
+    validated = validate_config(json.loads(json.dumps(derived)), REPO / "workflow" / "schemas" / "config.schema.yaml",
+                                dry_run=True)
+    assert validated["recovery"]["alpaca"]["max_steps"] == 25

@@ -129,6 +129,36 @@ def test_kill_and_resume_equals_an_uninterrupted_run(model_dir, text_file, tmp_p
     assert rows_a == rows_b
 
 
+def test_a_checkpoint_rebuilt_with_other_weights_of_the_same_shapes_does_not_resume(model_dir, text_file, tmp_path):
+    """The resume key covers the weights' content: shapes alone (Checkpoint.fingerprint) would resume an
+    adapter trained on the old weights after a compress rerun with, say, another lambda."""
+    from flattengpt.checkpoint import Checkpoint
+    from flattengpt.integrity import write_manifest
+    from flattengpt.recover import weights_digest
+    from safetensors.torch import save_file
+
+    options = {**TINY, "max_steps": 4, "save_every": 2}
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(model_dir, rebuilt)
+    tensors = load_file(str(rebuilt / "model.safetensors"))
+    name = next(n for n in tensors if n.endswith("down_proj.weight"))
+    tensors[name] = tensors[name] + 0.01  # same shapes, dtypes and file size: other weights
+    save_file(tensors, str(rebuilt / "model.safetensors"), metadata={"format": "pt"})
+    assert Checkpoint(rebuilt).fingerprint() == Checkpoint(model_dir).fingerprint()
+    assert weights_digest(rebuilt) != weights_digest(model_dir)
+
+    state, lines = tmp_path / "state", []
+    with pytest.raises(RecoveryInterrupted):
+        recover(model_dir, text_file, tmp_path / "a", options=options, state_dir=state, log=None, stop_after_steps=3)
+    record = recover(rebuilt, text_file, tmp_path / "b", options=options, state_dir=state, log=lines.append)
+    assert record["steps"]["resumed_from"] == 0 and any("discarding" in line for line in lines)
+    assert record["model"]["weights_sha256"] == weights_digest(rebuilt)
+
+    # a workflow checkpoint's manifest gives the same digest without reading the weights again
+    write_manifest(rebuilt, "compress")
+    assert weights_digest(rebuilt) == record["model"]["weights_sha256"]
+
+
 def test_micro_batching_does_not_change_the_step(model_dir, text_file, tmp_path):
     base = _weights_of(model_dir)
     results = []

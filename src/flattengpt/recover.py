@@ -541,6 +541,30 @@ def _scheduler(optimizer, options: dict, total_steps: int):
     return get_constant_schedule_with_warmup(optimizer, warmup)
 
 
+def weights_digest(model_dir: Path) -> str:
+    """sha256 over config.json and the sha256 of every safetensors file of a checkpoint: its content.
+
+    The resume key needs the content, not only the shapes (`Checkpoint.fingerprint` hashes headers
+    and sizes): a compressed checkpoint rebuilt with other weights of the same shapes (another
+    lambda, another calibration) must not resume an adapter trained on the old one. A workflow
+    checkpoint's manifest (`<dir>.manifest.json`, integrity.write_manifest) already holds every
+    file's sha256, written by the job that built it and checked against the files' sizes by every job
+    that reads it; without one every weight file is read once (about 1 s per GB).
+    """
+    from .integrity import read_manifest, sha256_file
+
+    model_dir = Path(model_dir)
+    names = sorted(["config.json"] + [f.name for f in model_dir.glob("*.safetensors")])
+    files = (read_manifest(model_dir) or {}).get("files", {})
+    digest = hashlib.sha256()
+    for name in names:
+        size = (model_dir / name).stat().st_size
+        known = files.get(name, {})
+        sha = known.get("sha256") if known.get("size") == size else None
+        digest.update(f"{name}\0{sha or sha256_file(model_dir / name)}\n".encode())
+    return digest.hexdigest()
+
+
 def _fmt_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -581,10 +605,12 @@ def recover(model_dir, data, out_dir, *, options: dict | None = None, state_dir=
     device = resolve_device(str(device))  # auto (the workflow's compute.device default): cuda when visible
     torch_dtype = _resolve_dtype(dtype, device)
     fingerprint = Checkpoint(model_dir).fingerprint()
+    weights_sha256 = weights_digest(model_dir)
     n_train, bs, mbs = len(dataset.train), options["batch_size"], options["micro_batch_size"]
     steps_per_epoch = math.ceil(n_train / bs)
     total_steps = options["max_steps"] or options["epochs"] * steps_per_epoch
-    key = json_sha256({"model": fingerprint, "data": dataset.info["examples_sha256"], "options": options,
+    key = json_sha256({"model": fingerprint, "weights": weights_sha256, "data": dataset.info["examples_sha256"],
+                       "options": options,
                        "dtype": str(torch_dtype), "device_type": device.type})
 
     torch.manual_seed(options["seed"])
@@ -708,10 +734,11 @@ def recover(model_dir, data, out_dir, *, options: dict | None = None, state_dir=
                         "seconds_per_step": round(train_seconds / max(total_steps, 1), 4)},
             "peak_rss_mib": round(peak_rss_mib(), 1),
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
-            "model": {"path": str(model_dir), "fingerprint": fingerprint},
+            "model": {"path": str(model_dir), "fingerprint": fingerprint, "weights_sha256": weights_sha256},
             # a workflow job's record (rule, params, wildcards) when there is one, with the data's hashes
             "provenance": {**(job_provenance or provenance(params=record_options)),
                            "inputs": {**(job_provenance or {}).get("inputs", {}), "model_fingerprint": fingerprint,
+                                      "model_weights_sha256": weights_sha256,
                                       "data_sha256": dataset.info["sha256"],
                                       "examples_sha256": dataset.info["examples_sha256"]}},
         }

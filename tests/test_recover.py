@@ -328,3 +328,82 @@ def test_recover_stage_tunes_the_dense_model_on_device_auto(model_dir, tmp_path)
     assert not (out / "compression.json").exists() and (out / "recovery.json").is_file()
     path, inputs = _evaluated(model_json, out)  # what the evaluation stages read
     assert path == str(out) and inputs["model"] == "recovered dense"
+
+
+# ----------------------------------------------------------------------------- hub data
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_cache(cache, records, repo="yahma/alpaca-cleaned", file="alpaca_data_cleaned.json"):
+    """A Hugging Face hub cache holding one dataset file, laid out as huggingface_hub writes it."""
+    root = cache / ("datasets--" + repo.replace("/", "--"))
+    snapshot = root / "snapshots" / HUB_COMMIT
+    snapshot.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(HUB_COMMIT)
+    (snapshot / file).write_text(json.dumps(records))
+    return snapshot / file
+
+
+def _offline(cache, code):
+    """Run `code` with the hub offline and `cache` as its cache (huggingface_hub reads both at import)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+
+
+def test_hub_alpaca_is_read_through_the_hugging_face_cache_by_the_recover_stage(model_dir, tmp_path):
+    """`data: {source: hub, name: alpaca}` on an air-gapped node: the cached yahma/alpaca-cleaned file."""
+    cached = _hub_cache(tmp_path / "hub", RECORDS * 2)
+    code = f"""
+import json, torch
+torch.set_num_threads(1)
+from flattengpt.provenance import write_json
+from flattengpt.stages import recover_stage
+write_json({str(tmp_path / 'model.json')!r}, {{"path": {str(model_dir)!r}, "fingerprint": "f" * 64}})
+settings = {{"data": {{"source": "hub", "name": "alpaca"}}, **{TINY!r}, "cutoff_len": 400, "max_steps": 1, "val_fraction": 0.0}}
+record = recover_stage({str(tmp_path / 'model.json')!r}, None, settings, {{"device": "cpu"}}, {str(tmp_path / 'state')!r},
+                       {str(tmp_path / 'out')!r}, {{"rule": "recover_dense"}})
+print(json.dumps({{"data": record["data"], "inputs": record["provenance"]["inputs"]["data"]}}))
+"""
+    result = _offline(tmp_path / "hub", code)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["data"]["kind"] == "alpaca" and out["data"]["n_records"] == 8 and out["data"]["n_train"] == 8
+    assert out["data"]["file"] == str(cached) and out["inputs"]["repo"] == "yahma/alpaca-cleaned"
+    assert out["inputs"]["source"] == "hub" and out["inputs"]["file"] == "alpaca_data_cleaned.json"
+
+    # not cached and offline: the job's error names the repository and the way out
+    result = _offline(tmp_path / "empty-hub", "from flattengpt.recover import hub_data_file\n"
+                      "hub_data_file({'source': 'hub', 'repo': 'org/data', 'file': 'd.jsonl'})")
+    assert result.returncode != 0 and "hub recovery data org/data/d.jsonl: cannot be fetched" in result.stderr
+    assert "source: local" in result.stderr
+
+
+def test_hub_recovery_data_is_checked_at_config_time(tmp_path):
+    from flattengpt.config import _check_recovery
+
+    for data, message in [({"source": "hub", "name": "dolly"}, "unknown hub recovery data 'dolly'; known: alpaca"),
+                          ({"source": "hub", "repo": "org/data"}, "needs a name .* or repo and file")]:
+        config = _workflow_config()
+        config["recovery"]["heal"]["data"] = data
+        errors = []
+        _check_recovery(config, errors)
+        assert len(errors) == 1 and re.search(message, errors[0]) and errors[0].startswith("recovery.heal.data"), errors
+
+    # a copy already in the cache is checked like a local file, naming the record; none cached: left to the job
+    bad = [*RECORDS, {"instruction": "no output"}]
+    _hub_cache(tmp_path / "hub", bad)
+    code = ("from flattengpt.config import _check_recovery\n"
+            f"config = {_workflow_config()!r}\n"
+            "config['recovery']['heal']['data'] = {'source': 'hub', 'name': 'alpaca'}\n"
+            "errors = []\n_check_recovery(config, errors)\nprint(errors)\n")
+    result = _offline(tmp_path / "hub", code)
+    assert result.returncode == 0, result.stderr
+    assert "record 4 (0-based): missing field 'output'" in result.stdout
+    result = _offline(tmp_path / "empty-hub", code)
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr

@@ -373,7 +373,7 @@ RECOVERY_KEYS = ("data", *RECOVERY_WHERE)  # the rest of a recovery: entry is re
 def _check_recovery(config: dict, errors: list[str]) -> None:
     """Every recovery setting: its options, its data (read and counted, no tokenizer), the methods and
     targets it names, and that it applies to at least one model."""
-    from .recover import RecoveryError, check_recovery_data, recovery_options
+    from .recover import RecoveryError, check_recovery_data, hub_data_file, recovery_options
 
     for name, spec in (config.get("recovery") or {}).items():
         where = f"recovery.{name}"
@@ -398,6 +398,13 @@ def _check_recovery(config: dict, errors: list[str]) -> None:
             if data.get("name") not in _embedded_corpora():
                 errors.append(f"{where}.data.name: {data.get('name')!r} is not an embedded corpus; use one of "
                               f"{list(_embedded_corpora())}")
+        elif data["source"] == "hub":
+            try:  # a copy already in the Hugging Face cache is checked now; else the job fetches and checks it
+                cached = hub_data_file(data, offline_cache_only=True)
+                if cached is not None:
+                    check_recovery_data(cached, data.get("kind", "auto"), options)
+            except RecoveryError as err:
+                errors.append(f"{where}.data: {err}")
         elif not data.get("path"):
             errors.append(f"{where}.data.path: missing; give an Alpaca .json/.jsonl file or a text file")
         elif not Path(data["path"]).expanduser().is_file():

@@ -221,6 +221,49 @@ def _check_size(path, n: int, unit: str, options: dict) -> None:
             "give more data or a smaller batch_size")
 
 
+# `data: {source: hub, name: ...}`: a file of a Hugging Face dataset repository, (repo, file)
+HUB_RECORDS: dict[str, tuple[str, str]] = {
+    "alpaca": ("yahma/alpaca-cleaned", "alpaca_data_cleaned.json"),  # cleaned Alpaca, 51.8k records
+}
+
+
+def hub_data_location(data: dict) -> tuple[str, str, str | None]:
+    """(repo, file, revision) of a `source: hub` recovery data spec: a known `name`, or `repo` and `file`."""
+    if data.get("name") is not None:
+        if data["name"] not in HUB_RECORDS:
+            raise RecoveryDataError(f"unknown hub recovery data {data['name']!r}; known: {', '.join(HUB_RECORDS)} "
+                                    "(or give repo and file of any dataset repository)")
+        repo, file = HUB_RECORDS[data["name"]]
+    elif data.get("repo") and data.get("file"):
+        repo, file = data["repo"], data["file"]
+    else:
+        raise RecoveryDataError("hub recovery data needs a name (" + ", ".join(HUB_RECORDS) + ") or repo and file")
+    return repo, file, data.get("revision")
+
+
+def hub_data_file(data: dict, offline_cache_only: bool = False) -> Path | None:
+    """The local path of a hub recovery data file, downloaded into the Hugging Face cache on first use
+    (HF_HUB_OFFLINE=1: read from the cache only, as on an air-gapped node).
+
+    offline_cache_only: return None instead of downloading when the file is not in the cache yet
+    (config-time checks, which must not download).
+    """
+    repo, file, revision = hub_data_location(data)
+    if offline_cache_only:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo, file, revision=revision, repo_type="dataset")
+        return Path(found) if isinstance(found, str) else None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=file, revision=revision, repo_type="dataset"))
+    except Exception as err:  # offline without a cached copy, no such repo or file, no network
+        raise RecoveryDataError(f"hub recovery data {repo}/{file}: cannot be fetched ({type(err).__name__}: {err}); "
+                                "download it once where the hub is reachable (the Hugging Face cache keeps it), "
+                                "or use source: local with a copy of the file") from err
+
+
 def check_recovery_data(path: str | os.PathLike, kind: str = "auto", options: dict | None = None) -> dict:
     """Check a recovery data file without a tokenizer; return {file, kind, n_records, sha256}.
 

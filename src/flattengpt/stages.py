@@ -202,12 +202,17 @@ def recover_stage(model_json: str | Path, model_dir: str | Path | None, settings
 
     from .config import RECOVERY_KEYS
     from .data import load_text
-    from .recover import recover
+    from .recover import hub_data_file, hub_data_location, recover
 
     data = settings["data"]
     if data["source"] == "embedded":  # the text itself; a local file is read (and hashed) by recover
         text, info = load_text({"source": "embedded", "name": data["name"]})
         spec = {"text": text}
+    elif data["source"] == "hub":  # a dataset repository's file, through the Hugging Face cache
+        repo, file, revision = hub_data_location(data)
+        path = hub_data_file(data)
+        spec = {"path": str(path), "kind": data.get("kind", "auto")}
+        info = {"source": "hub", "repo": repo, "file": file, "revision": revision, "path": str(path)}
     else:
         spec, info = {"path": data["path"], "kind": data.get("kind", "auto")}, {"source": "local"}
     options = {k: v for k, v in settings.items() if k not in RECOVERY_KEYS}

@@ -109,7 +109,8 @@ def evaluation_outputs(model, variant):
     files += [f"{base}/zero_shot/{task}.json" for task in evaluation["zero_shot"]["tasks"]]
     files.append(f"{base}/generations.json")
     # compressed models; a recovered one has its source's shapes, so it is not timed again (report_entries)
-    if evaluation["speed"]["enabled"] and "/" in variant and "+" not in variant:
+    recovered = "+" in variant
+    if evaluation["speed"]["enabled"] and "/" in variant and not recovered:
         files.append(f"{base}/speed.json")
     return files
 

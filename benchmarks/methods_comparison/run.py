@@ -115,6 +115,11 @@ class Unit:
         return "dense" if self.method == "dense" else f"{self.calib}/{self.target}/{self.source}"
 
     @property
+    def plan(self) -> str | None:
+        """The plan.json the model was built from (a recovered model's is its source's)."""
+        return None if self.method == "dense" else f"results/{self.model}/{self.source_variant}/plan.json"
+
+    @property
     def checkpoint(self) -> str | None:
         return None if self.method == "dense" else f"results/{self.model}/{self.variant}/model"
 
@@ -123,8 +128,8 @@ class Unit:
         """The checkpoints in results/ this unit reads: its own, and a recovered model's source (the recover job's input)."""
         if self.method == "dense":
             return []
-        own = [self.checkpoint]
-        return own + [f"results/{self.model}/{self.source_variant}/model"] if self.recovery else own
+        source = [f"results/{self.model}/{self.source_variant}/model"] if self.recovery else []
+        return [self.checkpoint] + source
 
 
 def load_config(path: Path = CONFIG) -> dict:
@@ -171,14 +176,13 @@ def all_units(config: dict, methods: list[str] | None = None) -> list[Unit]:
     def ppl(phase: int, calib: str | None, target: str | None, method: str) -> Unit:
         unit = Unit(phase, "ppl", model, method, calib, target)
         run = f"{base_model}/{unit.variant}"
-        plan = f"{base_model}/{unit.source_variant}/plan.json"  # a recovered model's plan is its source's
         evals = [f"{run}/eval/perplexity/{c}.json" for c in corpora] + [f"{run}/eval/generations.json"]
         unit.targets = list(evals)
         unit.required = list(evals) + [f"{base_model}/model.json"]
         if method != "dense":
             cosine = f"{base_model}/{calib}/similarity/cosine.csv"
             unit.targets.append(cosine)
-            unit.required += [plan, f"{run}/model/compression.json"]
+            unit.required += [unit.plan, f"{run}/model/compression.json"]
             unit.extra = [f"{base_model}/{calib}/calibration.json", cosine]
         if unit.recovery:  # the tuning's record and training curve
             unit.required += [f"{run}/model/recovery.json", f"{run}/model/curve.csv"]
@@ -192,7 +196,7 @@ def all_units(config: dict, methods: list[str] | None = None) -> list[Unit]:
         unit.required = list(unit.targets)
         unit.extra = [f"{base_model}/model.json"]
         if method != "dense":
-            unit.extra += [f"{base_model}/{unit.source_variant}/plan.json", f"{run}/model/compression.json",
+            unit.extra += [unit.plan, f"{run}/model/compression.json",
                            f"{base_model}/{calib}/calibration.json"]
         if unit.recovery:
             unit.extra += [f"{run}/model/recovery.json", f"{run}/model/curve.csv", f"{run}/model/curve.png"]
@@ -265,7 +269,6 @@ def importable(config: dict, method: str) -> str | None:
     """None if the method's module imports, else the error (all checked in one subprocess, once)."""
     if method == "dense":
         return None
-    method = method.partition("+")[0]  # a recovered model: its source method
     if not _importable:
         kinds = sorted({spec["method"] for spec in config["methods"].values()})
         code = ("import json, sys\nfrom flattengpt.methods import method_class\nout = {}\n"
@@ -417,7 +420,7 @@ def restore_plan(config_path: Path, unit: Unit, cores: int, log) -> bool:
     """
     if unit.method == "dense":
         return False
-    plan = f"results/{unit.model}/{unit.source_variant}/plan.json"
+    plan = unit.plan
     if (ROOT / plan).is_file() or not runs_path(plan).is_file():
         return False
     upstream = [f"results/{unit.model}/model.json", f"results/{unit.model}/{unit.calib}/tokens.safetensors",
@@ -455,8 +458,7 @@ def backup_search_state(unit: Unit) -> None:
     state = search_state(unit)
     if state is None:
         return
-    plan = f"results/{unit.model}/{unit.source_variant}/plan.json"
-    if runs_path(plan).is_file():
+    if runs_path(unit.plan).is_file():
         runs_path(state).unlink(missing_ok=True)
         return
     source = ROOT / state
@@ -467,7 +469,7 @@ def backup_search_state(unit: Unit) -> None:
 
 def restore_search_state(unit: Unit, log) -> None:
     state = search_state(unit)
-    plan = f"results/{unit.model}/{unit.source_variant}/plan.json" if state else None
+    plan = unit.plan
     if (state is None or (ROOT / state).is_file() or (ROOT / plan).is_file() or runs_path(plan).is_file()
             or not runs_path(state).is_file()):
         return
@@ -560,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{RUNS.relative_to(ROOT)}; {len(pending)} pending", flush=True)
     if args.dry_run:
         for unit in pending:
-            problem = importable(config, unit.method)
+            problem = importable(config, unit.source)
             note = f"  (method does not import: {problem})" if problem else ""
             print(f"  phase {unit.phase}  {unit.name}{note}")
         return 0
@@ -587,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--limit {args.limit} reached", flush=True)
                 break
             prefix = f"[{index}/{len(pending)}] phase {unit.phase} {unit.name}"
-            problem = importable(config, unit.method)
+            problem = importable(config, unit.source)
             if problem:
                 print(f"{prefix}: skipped, method {config['methods'][unit.source]['method']} does not import "
                       f"({problem})", flush=True)

@@ -125,11 +125,10 @@ def summary_rows(config: dict, df: pd.DataFrame) -> list[dict]:
     seed0 = calibs[0]
     rows = []
     recovered = recovered_methods(config)
-    keys = [("dense", None)] + [(m, t) for t in config["targets"] for m in method_order(config)]
-    # each recovered model right after its source
-    for target, source, method in recovered:
-        keys.insert(keys.index((source, target)) + 1 + sum(1 for t, s, _ in recovered[:recovered.index(
-            (target, source, method))] if (t, s) == (target, source)), (method, target))
+    keys = [("dense", None)]
+    for target in config["targets"]:
+        for method in method_order(config):  # each recovered model right after its source
+            keys += [(method, target)] + [(r, t) for t, source, r in recovered if (t, source) == (target, method)]
     for method, target in keys:
         rows_of = df[(df["method"] == method) & ((df["target"] == target) if target else df["target"].isna())]
         k = 0 if method == "dense" else config["targets"][target].get("remove_blocks")
@@ -235,12 +234,18 @@ def winners_markdown(config: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def recovery_markdown(config: dict, rows: list[dict]) -> str:
-    """Each recovered model before and after, and how the methods' gap to the best of them changes.
+def _gap(x: float, y: float, better: str) -> str:
+    """x against y: relative for perplexity (lower is better), in points for accuracy."""
+    if not (math.isfinite(x) and math.isfinite(y)):
+        return DASH
+    return f"{100 * (x - y) / y:+.1f}%" if better == "low" else f"{x - y:+.1f}"
 
-    before = the source method's row (seed 0 for accuracies, the seed mean for perplexity: the
-    recovered model is tuned from the seed-0 checkpoint, so its perplexity is set against the
-    source's seed-0 value), after = the recovered row.
+
+def recovery_markdown(config: dict, rows: list[dict]) -> str:
+    """Each recovered model before and after, and how the gap between two methods recovered alike changes.
+
+    before = the source method's seed-0 values (the recovered model is tuned from the seed-0
+    checkpoint), after = the recovered row.
     """
     recovered = recovered_methods(config)
     if not recovered:
@@ -248,42 +253,34 @@ def recovery_markdown(config: dict, rows: list[dict]) -> str:
     by_key = {(r["method"], r["target"]): r for r in rows}
     corpora = list(config["evaluation"]["perplexity"]["corpora"])
     cols = [(f"ppl_{c}", 2, "low", f"ppl {c}") for c in corpora] + [("mean_acc", 1, "high", "mean acc")]
+
+    def before(source: str, target: str, column: str) -> float:
+        return by_key.get((source, target), {}).get("seed0", {}).get(column, math.nan)
+
+    def after(method: str, target: str, column: str) -> float:
+        return by_key.get((method, target), {}).get(column, math.nan)
+
     lines = ["| method | k | recovery | " + " | ".join(f"{h} before | {h} after" for _, _, _, h in cols)
              + " | steps | recovery s |",
              "|:---|---:|:---|" + "---:|---:|" * len(cols) + "---:|---:|"]
-    seed0 = {}
     for target, source, method in recovered:
-        before, after = by_key.get((source, target)), by_key.get((method, target))
-        if before is None or after is None:
+        if (source, target) not in by_key or (method, target) not in by_key:
             continue
-        seed0[(source, target)] = before.get("seed0", {})
-        k = config["targets"][target].get("remove_blocks")
-        cells = []
-        for column, digits, _, _ in cols:
-            value = before.get("seed0", {}).get(column, before[column])
-            cells += [_fmt(value, digits), _fmt(after[column], digits)]
-        lines.append(f"| {source} | {k} | {method.partition('+')[2]} | " + " | ".join(cells)
-                     + f" | {_fmt(after.get('recovery_steps', math.nan), 0)} | "
-                     f"{_fmt(after.get('recovery_seconds', math.nan), 0)} |")
-    # the gap between the recovered methods of one (target, recovery), before and after
+        cells = [_fmt(value, digits) for column, digits, _, _ in cols
+                 for value in (before(source, target, column), after(method, target, column))]
+        lines.append(f"| {source} | {config['targets'][target].get('remove_blocks')} | {method.partition('+')[2]} | "
+                     + " | ".join(cells) + f" | {_fmt(after(method, target, 'recovery_steps'), 0)} | "
+                     f"{_fmt(after(method, target, 'recovery_seconds'), 0)} |")
     gaps = ["", "Gap between the methods recovered with the same setting (first method minus second; "
             "perplexity: relative, accuracy: points):", ""]
-    pairs = {}
+    pairs: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for target, source, method in recovered:
         pairs.setdefault((target, method.partition("+")[2]), []).append((source, method))
     for (target, recovery), members in pairs.items():
         for (a, ra), (b, rb) in zip(members, members[1:]):
-            parts = []
-            for column, digits, better, header in cols:
-                va = seed0.get((a, target), {}).get(column, math.nan)
-                vb = seed0.get((b, target), {}).get(column, math.nan)
-                wa = by_key.get((ra, target), {}).get(column, math.nan)
-                wb = by_key.get((rb, target), {}).get(column, math.nan)
-                if better == "low":
-                    fmt = lambda x, y: DASH if not (math.isfinite(x) and math.isfinite(y)) else f"{100 * (x - y) / y:+.1f}%"  # noqa: E731
-                else:
-                    fmt = lambda x, y: DASH if not (math.isfinite(x) and math.isfinite(y)) else f"{x - y:+.1f}"  # noqa: E731
-                parts.append(f"{header} {fmt(va, vb)} before, {fmt(wa, wb)} after")
+            parts = [f"{header} {_gap(before(a, target, c), before(b, target, c), better)} before, "
+                     f"{_gap(after(ra, target, c), after(rb, target, c), better)} after"
+                     for c, _, better, header in cols]
             gaps.append(f"- k = {config['targets'][target].get('remove_blocks')}, {recovery}: {a} vs {b}: "
                         + "; ".join(parts) + ".")
     return "\n".join(lines + gaps) + "\n"

@@ -77,3 +77,53 @@ def test_the_recovered_units_config_is_valid(run, monkeypatch):
     validated = validate_config(json.loads(json.dumps(derived)), REPO / "workflow" / "schemas" / "config.schema.yaml",
                                 dry_run=True)
     assert validated["recovery"]["alpaca"]["max_steps"] == 25
+
+
+def study_config() -> dict:
+    """A levers-study-like config: a seed replica, a calibration that differs in size, methods per run."""
+    calib = {"source": "local", "path": "text.txt", "n_samples": 4, "seq_len": 16, "seed": 0}
+    return {
+        "models": {"m": {"source": "embedded", "name": "smollm2-135m-instruct"}},
+        "calibration": {"c0": calib, "c1": {**calib, "seed": 1}, "big0": {**calib, "n_samples": 16},
+                        "big1": {**calib, "n_samples": 16, "seed": 1}},
+        "targets": {"k3": {"remove_blocks": 3}, "k6": {"remove_blocks": 6}},
+        "methods": {"a": {"method": "drop"}, "b": {"method": "shortgpt"}},
+        "runs": [{"model": "m", "calibration": c, "target": t, **({} if c.startswith("c") else {"methods": ["b"]})}
+                 for c in ("c0", "c1", "big0", "big1") for t in ("k3", "k6")],
+        "evaluation": {"perplexity": {"corpora": {"wiki": {"source": "local", "path": "w.txt"}}},
+                       "zero_shot": {"tasks": ["piqa"]}},
+    }
+
+
+def test_runs_methods_and_seed_replicas_decide_the_units(run):
+    config = study_config()
+    assert run.seed_replicas(config) == {"c1", "big1"}   # big0 differs from c0 in size: not a replica
+    units = run.all_units(config)
+    names = [u.name for u in units]
+    # phase 1: every calibration that is not a seed replica; its methods only where runs: names them
+    assert [u.name for u in units if u.phase == 1] == [
+        "ppl dense", "ppl c0/k3/a", "ppl c0/k3/b", "ppl c0/k6/a", "ppl c0/k6/b", "ppl big0/k3/b", "ppl big0/k6/b"]
+    assert [u.name for u in units if u.phase == 2] == [
+        "ppl c1/k3/a", "ppl c1/k3/b", "ppl c1/k6/a", "ppl c1/k6/b", "ppl big1/k3/b", "ppl big1/k6/b"]
+    # zero-shot on one seed: never on a replica
+    assert [u.name for u in units if u.phase == 3] == [
+        "zs dense", "zs c0/k3/a", "zs c0/k3/b", "zs c0/k6/a", "zs c0/k6/b", "zs big0/k3/b", "zs big0/k6/b"]
+    assert not any("big0/k3/a" in n or "big1/k6/a" in n for n in names)
+    # a unit's config has the one method and calibration, and no runs: left that names others
+    derived = yaml.safe_load(run.derived_config(config, units[-1]).read_text())
+    assert list(derived["calibration"]) == ["big0"] and list(derived["methods"]) == ["b"] and derived["runs"] is None
+
+
+def test_locks_of_a_live_snakemake_are_left_in_place(run, tmp_path, monkeypatch):
+    """Another benchmark's driver may be running Snakemake on the same results/<model>/: its locks are not stale."""
+    locks = tmp_path / ".snakemake" / "locks"
+    locks.mkdir(parents=True)
+    for kind in ("input", "output"):
+        (locks / f"0.{kind}.lock").write_text("results/m/c0/k3/a/plan.json\n")
+    (locks / "1.input.lock").write_text("results/other/x.json\n")
+    monkeypatch.setattr(run, "live_benchmark_snakemakes", lambda: [4242])
+    run.clear_stale_locks("m")
+    assert sorted(p.name for p in locks.iterdir()) == ["0.input.lock", "0.output.lock", "1.input.lock"]
+    monkeypatch.setattr(run, "live_benchmark_snakemakes", lambda: [])
+    run.clear_stale_locks("m")
+    assert sorted(p.name for p in locks.iterdir()) == ["1.input.lock"]

@@ -102,6 +102,23 @@ def test_semantic_errors_name_field_and_fix(tmp_path):
     assert len(errors) == 8
 
 
+def test_runs_may_name_the_methods_of_each_combination():
+    config = minimal_config()
+    config["calibration"]["d"] = dict(config["calibration"]["c"])
+    config["methods"] = {"a": {"method": "drop"}, "b": {"method": "shortgpt"}}
+    config["runs"] = [{"model": "m", "calibration": "c", "target": "t"},
+                      {"model": "m", "calibration": "d", "target": "t", "methods": ["b"]}]
+    config = validate_config(config, SCHEMA)
+    assert [run["methods"] for run in runs(config)] == [["a", "b"], ["b"]]
+    config["runs"][1]["methods"] = ["b", "nope"]
+    with pytest.raises(ConfigError) as info:
+        check_config(config, dry_run=True)
+    assert "runs: method 'nope' (of m/d/t) is not defined under methods" in str(info.value)
+    config["runs"][1]["methods"] = []
+    with pytest.raises(Exception, match="methods"):
+        validate_config(config, SCHEMA)
+
+
 def test_max_removable():
     assert max_removable(30, None, False, False) == 29
     assert max_removable(30, 2, False, False) == 15

@@ -325,6 +325,21 @@ def test_recovery_of_a_compressed_and_the_dense_model_reported_against_their_sou
     assert "## tiny: dense+heal" in (report / "recovery.md").read_text()
 
 
+def test_runs_restrict_the_methods_of_a_combination(tmp_path):
+    """`runs:` with `methods`: only the listed methods of that combination are planned (dry run)."""
+    model = make_model_with_tokenizer(tmp_path / "model", "llama", num_hidden_layers=4)
+    config = base_config(model)
+    config["calibration"]["other"] = dict(config["calibration"]["plays"], seed=2)
+    config["evaluation"]["speed"]["enabled"] = False
+    config["runs"] = [{"model": "tiny", "calibration": "plays", "target": "k2"},
+                      {"model": "tiny", "calibration": "other", "target": "k2", "methods": ["drop"]}]
+    write_config(tmp_path, config)
+    jobs = planned_jobs(tmp_path)
+    assert jobs["compress"] == 3 and jobs["plan"] == 3, jobs   # flattengpt and drop on plays, drop on other
+    out = snakemake(tmp_path, "-n").stdout
+    assert "results/tiny/other/k2/drop/model" in out and "results/tiny/other/k2/flattengpt" not in out
+
+
 def test_bad_config_fails_before_any_job(tmp_path):
     write_config(tmp_path, {
         "models": {"m": {"source": "local", "path": str(tmp_path / "missing")}},

@@ -72,6 +72,8 @@ def use_config(path: Path) -> None:
 LOW_PRIORITY = ("laco-code", "slm-code")  # run last within every phase
 PHASES = {1: "first calibration perplexity", 2: "other calibrations perplexity", 3: "first calibration zero-shot",
           4: "recovered models (first calibration): perplexity, then zero-shot"}
+# "first calibration": every calibration that is not a seed replica of an earlier one (seed_replicas);
+# "other calibrations": the seed replicas. The methods comparison has one of each (seed 0, seed 1).
 
 
 # ----------------------------------------------------------------------------- the units
@@ -157,6 +159,26 @@ def recovered_methods(config: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+def seed_replicas(config: dict) -> set[str]:
+    """The calibrations that differ from an earlier one only by `seed`: measured for the spread (phase 2), not zero-shot."""
+    seen, replicas = [], set()
+    for name, spec in config["calibration"].items():
+        rest = {k: v for k, v in spec.items() if k != "seed"}
+        if rest in seen:
+            replicas.add(name)
+        else:
+            seen.append(rest)
+    return replicas
+
+
+def config_runs(config: dict) -> list[tuple[str, str, list[str]]]:
+    """(calibration, target, methods) of every combination the config runs (its `runs:`, else all of them)."""
+    if not config.get("runs"):
+        return [(c, t, list(config["methods"])) for c in config["calibration"] for t in config["targets"]]
+    return [(run["calibration"], run["target"], list(config["methods"]) if run.get("methods") is None
+             else list(run["methods"])) for run in config["runs"]]
+
+
 def runs_path(result_path: str) -> Path:
     """results/<x> -> runs/<x>."""
     return RUNS / Path(result_path).relative_to("results")
@@ -202,16 +224,17 @@ def all_units(config: dict, methods: list[str] | None = None) -> list[Unit]:
             unit.extra += [f"{run}/model/recovery.json", f"{run}/model/curve.csv", f"{run}/model/curve.png"]
         return unit
 
+    replicas = seed_replicas(config)
+    cells = [(c, t, m) for c, t, ms in config_runs(config) for m in names if m in ms and want(m)]
     units: list[Unit] = []
     if corpora:
         if want("dense"):
             units.append(ppl(1, None, None, "dense"))
-        for index, calib in enumerate(calibs):  # phase 1: the first calibration; 2: every other one
-            units += [ppl(1 if index == 0 else 2, calib, t, m) for m in names if want(m) for t in targets]
+        units += [ppl(2 if c in replicas else 1, c, t, m) for c, t, m in cells]
     if tasks and calibs:
         if want("dense"):
             units.append(zs(3, None, None, "dense"))
-        units += [zs(3, calibs[0], t, m) for m in names if want(m) for t in targets]
+        units += [zs(3, c, t, m) for c, t, m in cells if c not in replicas]
     if calibs:  # phase 4: each recovered model's perplexity, then its zero-shot, one model after another
         for target, source, method in recovered_methods(config):
             if want(method):
@@ -225,7 +248,7 @@ def all_units(config: dict, methods: list[str] | None = None) -> list[Unit]:
     def key(u: Unit) -> tuple:
         if u.phase == 4:
             return (4, recovered.index(u.method), targets.index(u.target), u.kind != "ppl")
-        return (u.phase, u.method != "dense", u.method in LOW_PRIORITY,
+        return (u.phase, u.method != "dense", u.method in LOW_PRIORITY, calibs.index(u.calib) if u.calib in calibs else -1,
                 targets.index(u.target) if u.target in targets else -1, names.index(u.method) if u.method in names else -1)
     return sorted(units, key=key)
 
@@ -247,6 +270,7 @@ def derived_config(config: dict, unit: Unit) -> Path:
     if unit.method != "dense":
         derived["methods"] = {unit.source: config["methods"][unit.source]}
         derived["calibration"] = {unit.calib: config["calibration"][unit.calib]}
+        derived["runs"] = None   # every (calibration, target) left, with the one method
     else:  # no method is needed: keep one whose module imports, so that validation passes
         name = next((m for m in method_order(config) if importable(config, m) is None), None)
         if name is None:
@@ -254,6 +278,7 @@ def derived_config(config: dict, unit: Unit) -> Path:
         derived["methods"] = {name: config["methods"][name]}
         first = next(iter(config["calibration"]))
         derived["calibration"] = {first: config["calibration"][first]}
+        derived["runs"] = None
     text = yaml.safe_dump(derived, sort_keys=False)
     path = ROOT / WORK / "configs" / f"{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,8 +364,8 @@ def _forward(signum, frame):
 def stale_locks(model: str) -> list[Path]:
     """Snakemake lock files in .snakemake/locks/ that name files of this benchmark (results/<model>/).
 
-    Only this driver (one at a time: see main) runs Snakemake on these paths, so such locks are left
-    over by a killed run, unless a Snakemake of this benchmark is still alive (then: error).
+    Only the drivers (one at a time per benchmark: see main) run Snakemake on these paths, so such locks
+    are left over by a killed run, unless a Snakemake in this repository is still alive (then: error).
     """
     locks = ROOT / ".snakemake" / "locks"
     if not locks.is_dir():
@@ -358,7 +383,8 @@ def stale_locks(model: str) -> list[Path]:
 
 
 def live_benchmark_snakemakes() -> list[int]:
-    """pids of live Snakemake processes started with a config of this benchmark."""
+    """pids of live Snakemake processes working in this repository (another benchmark's included: the
+    benchmarks share results/<model>/, so a lock naming it may be a live run of another driver)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -368,7 +394,13 @@ def live_benchmark_snakemakes() -> list[int]:
         except OSError:
             continue
         text = b" ".join(argv).decode(errors="replace")
-        if "snakemake" in text and ("methods_comparison" in text) and "run.py" not in text:
+        if "snakemake" not in text or "run.py" in text:
+            continue
+        try:
+            here = Path(os.readlink(proc / "cwd")).resolve() == ROOT.resolve()
+        except OSError:
+            here = False
+        if here or "methods_comparison" in text or f"results/{WORK.name}" in text:
             pids.append(int(proc.name))
     return pids
 
@@ -378,8 +410,9 @@ def clear_stale_locks(model: str) -> None:
     if not stale:
         return
     alive = live_benchmark_snakemakes()
-    if alive:
-        raise SystemExit(f"a Snakemake run of this benchmark is still alive (pids {alive}); wait for it or stop it")
+    if alive:  # they may be its locks: leave them (Snakemake refuses a unit whose files they hold, naming them)
+        print(f"  Snakemake locks left in place: Snakemake pids {alive} still work in this repository", flush=True)
+        return
     for path in stale:
         path.unlink(missing_ok=True)
     print(f"  removed stale Snakemake locks of a killed run: {', '.join(p.name for p in stale)}", flush=True)

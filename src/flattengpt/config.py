@@ -313,10 +313,15 @@ def _check_evaluation(config: dict, errors: list[str]) -> None:
 
 
 def runs(config: dict) -> list[dict]:
-    """The (model, calibration, target) combinations this config asks for."""
+    """The (model, calibration, target) combinations this config asks for, each with its `methods`.
+
+    An entry of `runs:` without `methods` (or with null) runs every method of `methods:`.
+    """
+    every = list(config.get("methods") or {})
     if config.get("runs"):
-        return [dict(run) for run in config["runs"]]
-    return [{"model": m, "calibration": c, "target": t}
+        return [{**run, "methods": every if run.get("methods") is None else list(run["methods"])}
+                for run in config["runs"]]
+    return [{"model": m, "calibration": c, "target": t, "methods": every}
             for m, c, t in itertools.product(config["models"], config["calibration"], config["targets"])]
 
 
@@ -349,6 +354,10 @@ def check_config(config: dict, dry_run: bool = False, warnings: list[str] | None
             if run[key] not in config.get(section, {}):
                 errors.append(f"runs: {key} {run[key]!r} is not defined under {section}; "
                               f"defined: {sorted(config.get(section, {}))}")
+        for method in run["methods"]:
+            if method not in config.get("methods", {}):
+                errors.append(f"runs: method {method!r} (of {run['model']}/{run['calibration']}/{run['target']}) "
+                              f"is not defined under methods; defined: {sorted(config.get('methods', {}))}")
         spec = config.get("models", {}).get(run["model"])
         try:
             model_config = model_config_json(spec) if spec else None

@@ -185,12 +185,13 @@ def recovered_sources(config: dict) -> list[tuple[str, str, str]]:
 
     found = []
     for name, spec in (config.get("recovery") or {}).items():
-        methods = list(config.get("methods", {})) if spec.get("methods") is None else list(spec["methods"])
+        methods = spec.get("methods")
         targets = spec.get("targets")
         if spec.get("dense"):
             found += [(name, model, "dense") for model in dict.fromkeys(run["model"] for run in runs(config))]
         found += [(name, run["model"], f"{run['calibration']}/{run['target']}/{method}")
-                  for run in runs(config) if targets is None or run["target"] in targets for method in methods]
+                  for run in runs(config) if targets is None or run["target"] in targets
+                  for method in run["methods"] if methods is None or method in methods]
     return found
 
 

@@ -36,8 +36,8 @@ def all_outputs():
     outputs = []
     for run in runs(config):
         wc = dict(model=run["model"], calib=run["calibration"], target=run["target"])
-        outputs += expand("results/{model}/{calib}/{target}/{method}/plan.json", method=config["methods"], **wc)
-        outputs += expand("results/{model}/{calib}/{target}/{method}/model", method=config["methods"], **wc)
+        outputs += expand("results/{model}/{calib}/{target}/{method}/plan.json", method=run["methods"], **wc)
+        outputs += expand("results/{model}/{calib}/{target}/{method}/model", method=run["methods"], **wc)
         outputs += [f"results/{model}/{variant}/model" for model, variant in recovered_variants()
                     if model == run["model"] and variant.startswith(f"{run['calibration']}/{run['target']}/")]
         outputs += expand("results/{model}/{calib}/similarity/{file}", file=SIMILARITY_FILES, **wc)
@@ -48,7 +48,7 @@ def all_outputs():
 def compressed_variants():
     """(model, "calib/target/method") of every compressed checkpoint this config asks for."""
     return [(run["model"], f"{run['calibration']}/{run['target']}/{method}")
-            for run in runs(config) for method in config["methods"]]
+            for run in runs(config) for method in run["methods"]]
 
 
 def recovered_variants():
@@ -471,6 +471,6 @@ def report_plans():
     return [{"model": run["model"], "calibration": run["calibration"], "target": run["target"],
              "cosine_csv": f"results/{run['model']}/{run['calibration']}/similarity/cosine.csv",
              "plan_jsons": {method: f"results/{run['model']}/{run['calibration']}/{run['target']}/{method}/plan.json"
-                            for method in config["methods"]},
+                            for method in run["methods"]},
              "figure": f"results/report/plans/{run['model']}.{run['calibration']}.{run['target']}.png"}
             for run in runs(config)]

@@ -7,7 +7,9 @@ import pytest
 
 from flattengpt.methods.gromov import gromov_span
 from flattengpt.methods.shortgpt import shortgpt_blocks
-from flattengpt.plan import Plan, blocks_for_ratio, greedy_plan, make_plan, plan_from_file
+from flattengpt.methods import get_method
+from flattengpt.methods.base import SimilarityViews
+from flattengpt.plan import Plan, blocks_for_ratio, greedy_plan, make_plan, plan_from_file, span_plan
 
 
 def symmetric(upper):
@@ -56,6 +58,41 @@ def test_greedy_does_not_use_the_symmetric_deletion_rule():
     T = S.copy()
     T[0, 1] = T[1, 0] = 0.87
     assert greedy_plan(T, 2).groups == [[0, 1], [2, 3], [4]]
+
+
+def test_span_plan_by_hand():
+    # k = 2: spans a..a+2 scored S[a, a+2]: a=0 .60, a=1 .85, a=2 .75 -> blocks 1-3 flattened into one
+    plan = span_plan(S, 2)
+    assert plan.groups == [[0], [1, 2, 3], [4]] and plan.remove_blocks == 2 and plan.group_scores == [None, 0.85, None]
+    assert [(st["start"], st["score"], st["chosen"]) for st in plan.steps] == [(0, 0.60, False), (1, 0.85, True),
+                                                                              (2, 0.75, False)]
+    # k = 1 is the best single pair; no span ever reads S[4, 5] (.99: X5 is the last block's output)
+    assert span_plan(S, 1).groups == [[0], [1], [2, 3], [4]]
+    assert [st["start"] for st in span_plan(S, 1).steps] == [0, 1, 2, 3]
+    # k = 3: a=0 S[0,3] .40, a=1 S[1,4] .70; protect_last rules a=1 out
+    assert span_plan(S, 3).groups == [[0], [1, 2, 3, 4]]
+    assert span_plan(S, 3, protect_last=True).groups == [[0, 1, 2, 3], [4]]
+    assert span_plan(S, 3, protect_first=True).groups == [[0], [1, 2, 3, 4]]
+    # ties go to the lower start
+    T = S.copy()
+    T[0, 2] = T[2, 0] = 0.85
+    assert span_plan(T, 2).groups == [[0, 1, 2], [3], [4]]
+    with pytest.raises(ValueError, match="max_group_size=2"):
+        span_plan(S, 2, max_group_size=2)
+    assert span_plan(S, 2, max_group_size=3).groups == [[0], [1, 2, 3], [4]]
+    with pytest.raises(ValueError, match="remove fewer blocks"):
+        span_plan(S, 4, protect_first=True)
+
+
+def test_flattengpt_plan_criterion_span_is_one_group():
+    views = SimilarityViews(cosine=S, angular_distance=np.zeros_like(S), block_influence=1 - np.diag(S, 1))
+    plan = get_method({"method": "flattengpt", "plan_criterion": "span"}).choose(2, views=views, target={"remove_blocks": 2})
+    assert plan.groups == [[0], [1, 2, 3], [4]] and plan.method == "flattengpt" and plan.options["source"] == "span"
+    assert [layer.op for layer in plan.layers] == ["keep", "flatten", "keep"]
+    greedy = get_method({"method": "flattengpt"}).choose(2, views=views, target={"remove_blocks": 2})
+    assert greedy.groups == [[0], [1, 2, 3], [4]] and greedy.options["source"] == "greedy"
+    assert get_method({"method": "flattengpt", "plan_criterion": "span"}).choose(
+        1, views=views, target={"remove_blocks": 1}).groups == [[0], [1], [2, 3], [4]]
 
 
 def test_max_group_size_two_gives_different_groups():

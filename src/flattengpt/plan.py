@@ -285,6 +285,36 @@ def greedy_plan(similarity, k: int, max_group_size: int | None = None, protect_f
                          "protect_last": protect_last, "source": "greedy"})
 
 
+def span_plan(similarity, k: int, max_group_size: int | None = None, protect_first: bool = False,
+              protect_last: bool = False) -> Plan:
+    """One contiguous group of k + 1 blocks, a..a+k, of the largest S[a, a+k] (ties: lower a); the others kept.
+
+    FlattenGPT's own criterion (the inputs of the group's first and last blocks nearly identical) applied
+    to a single span, the shape Gromov et al. and ReplaceMe cut out, instead of k greedy merges.
+    """
+    S = _check_similarity(similarity)
+    num_layers = S.shape[0] - 1
+    check_remove_blocks(k, num_layers)
+    _check_options(max_group_size, protect_first, protect_last)
+    if max_group_size is not None and max_group_size < k + 1:
+        raise ValueError(f"a span of {k + 1} blocks removes {k}: max_group_size={max_group_size} allows at most "
+                         f"{max_group_size} blocks in a group; lift max_group_size or use plan_criterion cosine")
+    protected = _protected(num_layers, protect_first, protect_last)
+    starts = [a for a in range(num_layers - k) if not protected.intersection(range(a, a + k + 1))]
+    if not starts:
+        raise ValueError(f"cannot remove {k} blocks as one span of {k + 1}: the model has {num_layers} blocks "
+                         f"(protect_first={protect_first}, protect_last={protect_last}); remove fewer blocks")
+    steps = [{"start": a, "group": [a, a + k], "score": float(S[a, a + k])} for a in starts]
+    best = max(starts, key=lambda a: (S[a, a + k], -a))  # the largest score; on ties the lower start
+    for step in steps:
+        step["chosen"] = step["start"] == best
+    groups = [[b] for b in range(best)] + [list(range(best, best + k + 1))] + \
+             [[b] for b in range(best + k + 1, num_layers)]
+    return Plan.from_groups(num_layers, groups, group_scores(S, groups), steps=steps, target={"remove_blocks": k},
+                            options={"max_group_size": max_group_size, "protect_first": protect_first,
+                                     "protect_last": protect_last, "source": "span"})
+
+
 def group_scores(similarity: np.ndarray, groups: list[list[int]]) -> list[float | None]:
     return [float(similarity[g[0], g[-1]]) if len(g) > 1 else None for g in groups]
 
@@ -348,10 +378,11 @@ def count_parameters(plan: Plan, param_counts: dict) -> Plan:
     return plan
 
 
-def make_plan(similarity, param_counts: dict, target: dict, options: dict | None = None) -> Plan:
+def make_plan(similarity, param_counts: dict, target: dict, options: dict | None = None, span: bool = False) -> Plan:
     """The flattening plan for `target` ({"remove_blocks": k}, {"ratio": r} or {"plan_file": path}).
 
     `param_counts` is {"total": int, "per_block": [int, ...]} as `Checkpoint.parameter_counts` gives it.
+    `span`: one group of k + 1 blocks (span_plan) instead of the greedy merges.
     """
     S = _check_similarity(similarity)
     num_layers = S.shape[0] - 1
@@ -369,7 +400,7 @@ def make_plan(similarity, param_counts: dict, target: dict, options: dict | None
     else:
         k = target_blocks(target, param_counts, num_layers)
         try:
-            plan = greedy_plan(S, k, **opts)
+            plan = (span_plan if span else greedy_plan)(S, k, **opts)
         except ValueError as err:
             resolved = f" (k = {k} blocks)" if given == ["ratio"] else ""
             raise ValueError(f"{given[0]}: {target[given[0]]}{resolved}: {err}") from err

@@ -63,7 +63,7 @@ from .base import Built, BuildContext, Method, MethodError, SimilarityViews
 TARGETS = ("flattened", "original")
 HEAD_SCORINGS = ("output_norm",)
 SOLVE_DEVICES = ("auto", "host")
-PLAN_CRITERIA = ("cosine", "trial_error")
+PLAN_CRITERIA = ("cosine", "span", "trial_error")
 FLATTENING_CHOICE = ("max_group_size", "protect_first", "protect_last")  # read from the target
 
 
@@ -383,14 +383,18 @@ def validation_settings(o: dict) -> dict:
             "selection_lambda_factor": o.get("selection_lambda_factor", 1.0)}
 
 
-def flattening_plan(views: SimilarityViews, k: int | None, target: dict) -> Plan:
+def flattening_plan(views: SimilarityViews, k: int | None, target: dict, span: bool = False) -> Plan:
     """The greedy flattening plan (or the target's plan_file) that flattengpt, drop and flatten-only share.
 
-    k is the target's block count, resolved by the caller (a ratio needs the parameter counts).
+    k is the target's block count, resolved by the caller (a ratio needs the parameter counts). `span`:
+    one group of k + 1 blocks instead (flattengpt's plan_criterion span).
     """
     options = {key: target.get(key) for key in FLATTENING_CHOICE}
+    if span and target.get("plan_file"):
+        raise MethodError("plan_criterion span chooses the group itself; a target with plan_file needs "
+                          "plan_criterion cosine")
     resolved = dict(target) if target.get("plan_file") else {"remove_blocks": k, **options}
-    return make_plan(views.cosine, {"total": 1, "per_block": [1] * views.num_layers}, resolved, options)
+    return make_plan(views.cosine, {"total": 1, "per_block": [1] * views.num_layers}, resolved, options, span=span)
 
 
 class FlattenGPT(Method):
@@ -404,7 +408,8 @@ class FlattenGPT(Method):
                "validation_fraction": VALIDATION_DEFAULTS["fraction"], "validation_seed": VALIDATION_DEFAULTS["seed"],
                "lambda_grid": list(LAMBDA_GRID),
                "selection_lambda_factor": VALIDATION_DEFAULTS["selection_lambda_factor"],
-               # cosine: the paper's greedy plan on input similarity (plan rule); trial_error: the pairs whose
+               # cosine: the paper's greedy plan on input similarity (plan rule); span: one group of k + 1
+               # blocks of the most similar first and last input (plan rule); trial_error: the pairs whose
                # trial compression leaves the least held-out error (search rule, methods/trial_plan.py)
                "plan_criterion": "cosine"}
     CHOICE_OPTIONS = ("plan_criterion",)  # and the target's options (max_group_size, protections, plan_file)
@@ -441,7 +446,7 @@ class FlattenGPT(Method):
             from .trial_plan import trial_plan
 
             return trial_plan(self, k, search, target)
-        plan = flattening_plan(views, k, target or {"remove_blocks": k})
+        plan = flattening_plan(views, k, target or {"remove_blocks": k}, span=self.options["plan_criterion"] == "span")
         plan.method = self.name
         return plan
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/flattengpt_levers/prepare.py
 
 Instruction data: ../shared/data/text/alpaca_data_1k.json, records 0-499 to
-results/flattengpt_levers/data/alpaca-calibration.json (part of the mixed calibration), records
+resources/flattengpt_levers/alpaca-calibration.json (part of the mixed calibration), records
 500-999 to alpaca-selection.json.
 
 Code: modules of this Python's standard library (every install has them; the study ran on 3.11.7),
@@ -31,7 +31,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 ALPACA = ROOT.parent / "shared" / "data" / "text" / "alpaca_data_1k.json"
-OUT = ROOT / "results" / "flattengpt_levers" / "data"
+OUT = ROOT / "resources" / "flattengpt_levers"  # not results/: every input there must be a job's output, with its manifest
 CALIBRATION_MODULES = ("argparse", "configparser", "dataclasses", "difflib", "inspect")
 SELECTION_MODULES = ("calendar", "fractions", "functools", "heapq", "pprint", "shlex", "statistics", "textwrap")
 HERE = Path(__file__).resolve().parent

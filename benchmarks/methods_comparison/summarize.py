@@ -312,6 +312,39 @@ def unit_costs_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+FULL = HERE / "full_tasks"  # the five tasks without an item limit for two models (full_tasks/config.yaml)
+
+
+def full_tasks_markdown(config: dict, rows: list[dict]) -> str:
+    """Every item of each task for the models of full_tasks/config.yaml, beside their 500-item values."""
+    full = load_config(FULL / "config.yaml")
+    (model,) = full["models"]
+    tasks = list(full["evaluation"]["zero_shot"]["tasks"])
+    by_key = {(r["method"], r["target"]): r for r in rows}
+    lines = ["| method | k | " + " | ".join(tasks) + " | mean acc | items | 500-item mean acc |",
+             "|:---|---:|" + "---:|" * (len(tasks) + 3)]
+    found = False
+    for target, spec in full["targets"].items():
+        for method in full["methods"]:
+            base = FULL / "runs" / model / next(iter(full["calibration"])) / target / method / "eval" / "zero_shot"
+            records = {t: _read(base / f"{t}.json") for t in tasks}
+            if not any(records.values()):
+                continue
+            found = True
+            cells = [f"{100 * r['value']:.1f} ± {100 * r['stderr']:.1f}" if r else DASH for r in records.values()]
+            if all(records.values()):
+                mean = float(np.mean([100 * r["value"] for r in records.values()]))
+                se = math.sqrt(sum((100 * r["stderr"]) ** 2 for r in records.values())) / len(tasks)
+                mean_cell = f"{mean:.1f} ± {se:.1f}"
+            else:
+                mean_cell = DASH
+            items = sum((r.get("n_samples") or {}).get("effective", 0) for r in records.values() if r)
+            limited = by_key.get((method, target), {}).get("mean_acc", math.nan)
+            lines.append(f"| {method} | {spec.get('remove_blocks')} | " + " | ".join(cells) + f" | {mean_cell} | "
+                         f"{items:,} | {_fmt(limited, 1)} |")
+    return "\n".join(lines) + "\n" if found else "Not run yet.\n"
+
+
 # ----------------------------------------------------------------------------- figures
 
 
@@ -411,6 +444,11 @@ def main(argv: list[str] | None = None) -> None:
         "`alpaca_data_1k.json`, tuned from the seed-0 checkpoint) before and after: seed-0 values on both "
         "sides; every column in [recovery.md](recovery.md).", "",
         recovery_markdown(config, rows),
+        "### Full task sets", "",
+        "Every item of each task (`full_tasks/config.yaml`: same calibration, options and task settings, "
+        "no item limit) for FlattenGPT's best setting and the best baseline at k = 6, seed 0, beside the "
+        "500-item mean above.", "",
+        full_tasks_markdown(config, rows),
         "### Cost of each unit run", "",
         "Wall time of each run.py unit on this machine (2 cores, shared with other work: see the load "
         "average); a unit's jobs include whatever of the model, calibration, activations, plan/search "

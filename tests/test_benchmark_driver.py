@@ -127,3 +127,26 @@ def test_locks_of_a_live_snakemake_are_left_in_place(run, tmp_path, monkeypatch)
     monkeypatch.setattr(run, "live_benchmark_snakemakes", lambda: [])
     run.clear_stale_locks("m")
     assert sorted(p.name for p in locks.iterdir()) == ["1.input.lock"]
+
+
+def test_the_levers_choice_reads_only_the_selection_score_of_complete_settings(monkeypatch):
+    """The levers study picks the setting of lowest mean log selection score over every target, complete ones only."""
+    spec = importlib.util.spec_from_file_location("levers_summarize", REPO / "benchmarks" / "flattengpt_levers" / "summarize.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "levers_summarize", module)
+    spec.loader.exec_module(module)
+    calib = {"source": "local", "path": "t.txt", "n_samples": 4, "seq_len": 8}
+    config = {"calibration": {"w-seed0": {**calib, "seed": 0}, "w-seed1": {**calib, "seed": 1}},
+              "targets": {"k3": {"remove_blocks": 3}, "k6": {"remove_blocks": 6}}}
+    assert module.families(config) == {"w": ["w-seed0", "w-seed1"]}
+    nan = float("nan")
+
+    def row(setting, target, selection, reported, seeds=2):
+        return {"setting": setting, "target": target, "family": "w", "selection": (selection, nan),
+                "selection_seeds": seeds, "wikitext2-test": (reported, nan), "tinyshakespeare": (reported, nan)}
+
+    rows = [row("a", "k3", 10, 1), row("a", "k6", 40, 1),       # best reported, worse selection: 20 (geo mean)
+            row("b", "k3", 16, 9), row("b", "k6", 16, 9),       # 16
+            row("c", "k3", 2, 9), row("c", "k6", 2, 9, seeds=1)]  # best selection, one seed missing at k6
+    chosen, ranked = module.choose(rows, config)
+    assert chosen == "b" and [name for name, _ in ranked] == ["b", "a"]

@@ -83,6 +83,7 @@ def model_values(runs: Path, model: str, variant: str, corpora, tasks) -> dict:
             values["acc"][task] = (100 * float(record["value"]), 100 * float(record["stderr"]))
     compression = read(base / "model" / "compression.json")
     values["compression_seconds"] = (compression.get("timings") or {}).get("seconds")
+    values["peak_rss_mib"] = compression.get("peak_rss_mib")
     calib, _, rest = variant.partition("/")
     target, _, method = rest.partition("/")
     values["choice_seconds"] = (read(runs / model / calib / target / method / "plan.json").get("cost") or {}).get("seconds")
@@ -114,6 +115,7 @@ def row_of(runs: Path, model: str, calibs: list[str], target: str, method: str, 
     else:
         row["mean_acc"] = (math.nan, math.nan)
     row["compression_seconds"] = mean_half([v["compression_seconds"] for v in per_seed])
+    row["peak_rss_mib"] = mean_half([v["peak_rss_mib"] for v in per_seed])
     row["choice_seconds"] = mean_half([v["choice_seconds"] for v in per_seed])
     return row
 
@@ -181,7 +183,7 @@ def settings_markdown(rows: list[dict], config: dict, dense: dict) -> str:
     corpora = list(config["evaluation"]["perplexity"]["corpora"])
     tasks = list(config["evaluation"]["zero_shot"]["tasks"])
     head = (["setting", "lever", "k", "seeds"] + [f"ppl {c}" for c in corpora] + ["selection score"]
-            + tasks + ["mean acc", "compression s"])
+            + tasks + ["mean acc", "compression s", "peak RSS MiB"])
     lines = ["| " + " | ".join(head) + " |", "|:---|:---|" + "---:|" * (len(head) - 2)]
     d_acc = dense["acc"]
     d_mean = float(np.mean([a for a, _ in d_acc.values()])) if len(d_acc) == len(tasks) else math.nan
@@ -190,14 +192,14 @@ def settings_markdown(rows: list[dict], config: dict, dense: dict) -> str:
     lines.append("| dense | | 0 | | " + " | ".join(fmt((dense["ppl"].get(c, math.nan), math.nan), 2) for c in corpora)
                  + f" | {fmt((d_sel, math.nan), 2)} | "
                  + " | ".join(fmt(d_acc.get(t, (math.nan, math.nan)), 1) for t in tasks)
-                 + f" | {fmt((d_mean, math.nan), 1)} | |")
+                 + f" | {fmt((d_mean, math.nan), 1)} | | |")
     for row in sorted(rows, key=lambda r: (r["k"], r["family"] != "wikitext2",
                                            list(LEVERS).index(r["method"]) if r["method"] in LEVERS else 99, r["family"])):
         cells = [row["setting"], row["lever"], str(row["k"]), str(row["seeds"] or DASH)]
         cells += [fmt(row.get(c, (math.nan, math.nan)), 2) for c in corpora]
         cells += [fmt(row["selection"], 2)]
         cells += [fmt(row["acc"].get(t, (math.nan, math.nan)), 1) for t in tasks]
-        cells += [fmt(row["mean_acc"], 1), fmt(row["compression_seconds"], 0)]
+        cells += [fmt(row["mean_acc"], 1), fmt(row["compression_seconds"], 0), fmt(row["peak_rss_mib"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -249,7 +251,8 @@ def main() -> None:
         "Perplexity: mean over the calibration seeds collected ± half their spread, first 8 windows of 2048 "
         "tokens of each corpus. Selection score: geometric mean of the two selection perplexities (the only "
         "numbers the choice reads). Accuracies (%): seed 0, first 500 items, ± lm-eval's standard error. "
-        "Compression s: the compress stage's wall time (2 cores).", "",
+        "Compression s and peak RSS: the compress stage's wall time and memory (compression.json; "
+        "2 cores shared with another benchmark, see its units.jsonl for the load).", "",
         settings_markdown(rows, config, dense),
         "### The choice", "",
         "Settings complete at every target with every seed, by mean log selection score over the targets "

@@ -150,3 +150,18 @@ def test_the_levers_choice_reads_only_the_selection_score_of_complete_settings(m
             row("c", "k3", 2, 9), row("c", "k6", 2, 9, seeds=1)]  # best selection, one seed missing at k6
     chosen, ranked = module.choose(rows, config)
     assert chosen == "b" and [name for name, _ in ranked] == ["b", "a"]
+
+
+def test_checkpoints_are_kept_while_another_snakemake_works_here(run, tmp_path, monkeypatch):
+    config = study_config()
+    unit = next(u for u in run.all_units(config) if u.kind == "ppl" and u.method != "dense")
+    (tmp_path / unit.checkpoint).mkdir(parents=True)
+    for path in unit.required:  # collected
+        run.runs_path(path).parent.mkdir(parents=True, exist_ok=True)
+        run.runs_path(path).write_text("{}")
+    monkeypatch.setattr(run, "live_benchmark_snakemakes", lambda: [4242])
+    run.drop_checkpoints([unit])
+    assert (tmp_path / unit.checkpoint).is_dir()
+    monkeypatch.setattr(run, "live_benchmark_snakemakes", lambda: [])
+    run.drop_checkpoints([unit])
+    assert not (tmp_path / unit.checkpoint).exists()

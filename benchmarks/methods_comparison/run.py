@@ -549,7 +549,15 @@ def collect(unit: Unit) -> list[str]:
 
 
 def drop_checkpoints(units: list[Unit]) -> None:
-    """Delete the compressed checkpoints in results/ whose units are all collected."""
+    """Delete the compressed checkpoints in results/ whose units are all collected.
+
+    Not while another Snakemake works in this repository: another benchmark's driver (they share
+    results/<model>/) may be evaluating the same checkpoint; a later run deletes it.
+    """
+    others = live_benchmark_snakemakes()
+    if others:
+        print(f"  checkpoints kept: Snakemake pids {others} still work in this repository", flush=True)
+        return
     by_checkpoint: dict[str, list[Unit]] = {}
     for unit in units:
         for checkpoint in unit.needs:

@@ -48,6 +48,7 @@ LEVERS = {  # method name -> the lever it moves away from the base (fg-orig-auto
     "fg-orig-auto-attn": "o_proj refit",
     "fg-orig-auto-trial": "plan: trial-error pairs",
     "fg-orig-auto-span": "plan: one span of k+1 blocks",
+    "fg-orig-auto-span-attn": "span plan and o_proj refit",
     "flattengpt-paper": "the paper: flattened target, factor 10",
 }
 DASH = "–"

@@ -115,18 +115,22 @@ def test_runs_methods_and_seed_replicas_decide_the_units(run):
 
 
 def test_locks_of_a_live_snakemake_are_left_in_place(run, tmp_path, monkeypatch):
-    """Another benchmark's driver may be running Snakemake on the same results/<model>/: its locks are not stale."""
+    """Another benchmark's driver may be running Snakemake on the same results/<model>/: its locks are not
+    stale; those of a killed run beside it are."""
     locks = tmp_path / ".snakemake" / "locks"
     locks.mkdir(parents=True)
-    for kind in ("input", "output"):
-        (locks / f"0.{kind}.lock").write_text("results/m/c0/k3/a/plan.json\n")
-    (locks / "1.input.lock").write_text("results/other/x.json\n")
-    monkeypatch.setattr(run, "live_benchmark_snakemakes", lambda: [4242])
+    live, killed = "results/m/c0/k3/a/eval/perplexity/w.json", "results/m/c0/k6/b/eval/perplexity/w.json"
+    for n, target in ((0, live), (1, killed)):
+        (locks / f"{n}.input.lock").write_text("results/m/model.json\n")
+        (locks / f"{n}.output.lock").write_text(f"results/m/c0/k/x/model\n{target}\n")
+    (locks / "2.input.lock").write_text("results/other/x.json\n")
+    (locks / "2.output.lock").write_text("results/other/y.json\n")
+    monkeypatch.setattr(run, "live_snakemake_targets", lambda: {live, "results/m/c0/k3/a/eval/generations.json"})
     run.clear_stale_locks("m")
-    assert sorted(p.name for p in locks.iterdir()) == ["0.input.lock", "0.output.lock", "1.input.lock"]
-    monkeypatch.setattr(run, "live_benchmark_snakemakes", lambda: [])
+    assert sorted(p.name for p in locks.iterdir()) == ["0.input.lock", "0.output.lock", "2.input.lock", "2.output.lock"]
+    monkeypatch.setattr(run, "live_snakemake_targets", lambda: set())
     run.clear_stale_locks("m")
-    assert sorted(p.name for p in locks.iterdir()) == ["1.input.lock"]
+    assert sorted(p.name for p in locks.iterdir()) == ["2.input.lock", "2.output.lock"]
 
 
 def test_the_levers_choice_reads_only_the_selection_score_of_complete_settings(monkeypatch):

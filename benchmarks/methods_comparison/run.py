@@ -361,39 +361,42 @@ def _forward(signum, frame):
     raise KeyboardInterrupt
 
 
-def stale_locks(model: str) -> list[Path]:
-    """Snakemake lock files in .snakemake/locks/ that name files of this benchmark (results/<model>/).
+def stale_locks(model: str, live_targets: set[str] = frozenset()) -> list[Path]:
+    """Snakemake lock files in .snakemake/locks/ that name files of this benchmark (results/<model>/) and
+    none of `live_targets` (the files live Snakemake runs were asked for).
 
-    Only the drivers (one at a time per benchmark: see main) run Snakemake on these paths, so such locks
-    are left over by a killed run, unless a Snakemake in this repository is still alive (then: error).
+    Only the drivers (one at a time per benchmark: see main) run Snakemake on these paths, always with
+    the unit's files as explicit targets, and a run locks the files it is about to write: a lock whose
+    outputs include no live run's target was left by a killed run.
     """
     locks = ROOT / ".snakemake" / "locks"
     if not locks.is_dir():
         return []
     prefix = f"results/{model}/"
     found = set()
-    for path in locks.glob("*.lock"):
+    for path in locks.glob("*.output.lock"):
         try:
-            if any(line.startswith(prefix) for line in path.read_text().splitlines()):
-                found.add(path.name.split(".")[0])
+            lines = path.read_text().splitlines()
         except OSError:
             continue
+        if any(line.startswith(prefix) for line in lines) and not live_targets.intersection(lines):
+            found.add(path.name.split(".")[0])
     # both files (input, output) of each lock number
     return sorted(p for n in found for p in locks.glob(f"{n}.*.lock"))
 
 
-def live_benchmark_snakemakes() -> list[int]:
-    """pids of live Snakemake processes working in this repository (another benchmark's included: the
-    benchmarks share results/<model>/, so a lock naming it may be a live run of another driver)."""
-    pids = []
+def _snakemake_processes() -> dict[int, list[str]]:
+    """pid -> argv of every live Snakemake process working in this repository (the benchmarks share
+    results/<model>/, so another benchmark's driver's runs count)."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0")]
         except OSError:
             continue
-        text = b" ".join(argv).decode(errors="replace")
+        text = " ".join(argv)
         if "snakemake" not in text or "run.py" in text:
             continue
         try:
@@ -401,17 +404,23 @@ def live_benchmark_snakemakes() -> list[int]:
         except OSError:
             here = False
         if here or "methods_comparison" in text or f"results/{WORK.name}" in text:
-            pids.append(int(proc.name))
-    return pids
+            found[int(proc.name)] = argv
+    return found
+
+
+def live_benchmark_snakemakes() -> list[int]:
+    """pids of live Snakemake processes working in this repository."""
+    return sorted(_snakemake_processes())
+
+
+def live_snakemake_targets() -> set[str]:
+    """The results/ files that live Snakemake runs in this repository were asked for (their command lines)."""
+    return {a for argv in _snakemake_processes().values() for a in argv if a.startswith("results/")}
 
 
 def clear_stale_locks(model: str) -> None:
-    stale = stale_locks(model)
+    stale = stale_locks(model, live_snakemake_targets())
     if not stale:
-        return
-    alive = live_benchmark_snakemakes()
-    if alive:  # they may be its locks: leave them (Snakemake refuses a unit whose files they hold, naming them)
-        print(f"  Snakemake locks left in place: Snakemake pids {alive} still work in this repository", flush=True)
         return
     for path in stale:
         path.unlink(missing_ok=True)

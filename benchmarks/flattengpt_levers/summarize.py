@@ -34,6 +34,8 @@ sys.path.insert(0, str(COMPARISON))
 
 import run as driver  # noqa: E402
 
+from flattengpt.config import runs  # noqa: E402
+
 CONFIG = HERE / "config.yaml"
 driver.use_config(CONFIG)
 RUNS = driver.RUNS
@@ -60,12 +62,8 @@ def read(path: Path) -> dict:
 
 def families(config: dict) -> dict[str, list[str]]:
     """family name -> its calibrations (the first, then its seed replicas); the name drops the -seedN suffix."""
-    replicas = driver.seed_replicas(config)
     out: dict[str, list[str]] = {}
-    for name, spec in config["calibration"].items():
-        rest = {k: v for k, v in spec.items() if k != "seed"}
-        primary = next(p for p in config["calibration"] if p not in replicas
-                       and {k: v for k, v in config["calibration"][p].items() if k != "seed"} == rest)
+    for name, primary in driver.seed_primaries(config).items():
         out.setdefault(primary.rsplit("-seed", 1)[0], []).append(name)
     return out
 
@@ -128,16 +126,17 @@ def fmt(pair: tuple[float, float], digits: int) -> str:
     return f"{value:,.{digits}f}" + (f" ± {half:,.{digits}f}" if math.isfinite(half) else "")
 
 
-def settings_rows(config: dict) -> list[dict]:
+def settings_rows(config: dict) -> tuple[list[dict], dict]:
+    """(one row per setting and target, the dense model's values)."""
     (model,) = config["models"]
     corpora = list(config["evaluation"]["perplexity"]["corpora"])
     tasks = list(config["evaluation"]["zero_shot"]["tasks"])
     fams = families(config)
     calib_family = {c: f for f, cs in fams.items() for c in cs}
     cells = {}
-    for calib, target, methods in driver.config_runs(config):
-        for method in methods:
-            cells.setdefault((method, calib_family[calib], target), None)
+    for run in runs(config):
+        for method in run["methods"]:
+            cells.setdefault((method, calib_family[run["calibration"]], run["target"]), None)
     rows = []
     for (method, family, target) in cells:
         row = row_of(RUNS, model, fams[family], target, method, corpora, tasks)

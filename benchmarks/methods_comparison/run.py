@@ -159,24 +159,19 @@ def recovered_methods(config: dict) -> list[tuple[str, str, str]]:
     return out
 
 
-def seed_replicas(config: dict) -> set[str]:
-    """The calibrations that differ from an earlier one only by `seed`: measured for the spread (phase 2), not zero-shot."""
-    seen, replicas = [], set()
+def seed_primaries(config: dict) -> dict[str, str]:
+    """calibration -> the first calibration that differs from it only by `seed` (itself if none does)."""
+    primaries: dict[str, str] = {}
     for name, spec in config["calibration"].items():
         rest = {k: v for k, v in spec.items() if k != "seed"}
-        if rest in seen:
-            replicas.add(name)
-        else:
-            seen.append(rest)
-    return replicas
+        primaries[name] = next((p for p in primaries if primaries[p] == p and
+                                {k: v for k, v in config["calibration"][p].items() if k != "seed"} == rest), name)
+    return primaries
 
 
-def config_runs(config: dict) -> list[tuple[str, str, list[str]]]:
-    """(calibration, target, methods) of every combination the config runs (its `runs:`, else all of them)."""
-    if not config.get("runs"):
-        return [(c, t, list(config["methods"])) for c in config["calibration"] for t in config["targets"]]
-    return [(run["calibration"], run["target"], list(config["methods"]) if run.get("methods") is None
-             else list(run["methods"])) for run in config["runs"]]
+def seed_replicas(config: dict) -> set[str]:
+    """The calibrations that differ from an earlier one only by `seed`: measured for the spread (phase 2), not zero-shot."""
+    return {name for name, primary in seed_primaries(config).items() if name != primary}
 
 
 def runs_path(result_path: str) -> Path:
@@ -224,8 +219,11 @@ def all_units(config: dict, methods: list[str] | None = None) -> list[Unit]:
             unit.extra += [f"{run}/model/recovery.json", f"{run}/model/curve.csv", f"{run}/model/curve.png"]
         return unit
 
+    from flattengpt.config import runs  # the workflow's own reading of runs: (each entry's methods)
+
     replicas = seed_replicas(config)
-    cells = [(c, t, m) for c, t, ms in config_runs(config) for m in names if m in ms and want(m)]
+    cells = [(run["calibration"], run["target"], m) for run in runs(config) for m in names
+             if m in run["methods"] and want(m)]
     units: list[Unit] = []
     if corpora:
         if want("dense"):
@@ -400,11 +398,10 @@ def _snakemake_processes() -> dict[int, list[str]]:
         if "snakemake" not in text or "run.py" in text:
             continue
         try:
-            here = Path(os.readlink(proc / "cwd")).resolve() == ROOT.resolve()
+            if Path(os.readlink(proc / "cwd")).resolve() == ROOT.resolve():
+                found[int(proc.name)] = argv
         except OSError:
-            here = False
-        if here or "methods_comparison" in text or f"results/{WORK.name}" in text:
-            found[int(proc.name)] = argv
+            continue
     return found
 
 
